@@ -1,0 +1,138 @@
+"""Structured job configs: dataclass defaults <- YAML recipe <- ``dotted.key=value`` overrides.
+
+Every job is ``python -m pipelines.<job> --config FILE.yaml [key=value ...]``. The schema is a dataclass
+(one per job, composed of per-component dataclasses kept beside their code). Merging is strict: an unknown
+key or a value of the wrong type is a :class:`ConfigError` naming the key and the file (or the override)
+it came from. A recipe may derive from another with ``_base_: other.yaml`` (a path relative to the file);
+the derived file's values win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+BASE_KEY = "_base_"
+RESOLVED_NAME = "config.resolved.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit its schema."""
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read one YAML recipe, following ``_base_`` links (cycles are an error)."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config inheritance cycle: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: name the file
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(cfg).__name__}")
+    base = cfg.pop(BASE_KEY, None)
+    if base is None:
+        return cfg
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: '{BASE_KEY}' must be a path string, got {base!r}")
+    parent = _read_yaml(path.parent / base, (*seen, path))
+    return OmegaConf.merge(parent, cfg)
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a ``schema`` instance from defaults, an optional YAML file and dotted overrides.
+
+    Raises ConfigError naming the offending key and its origin (file path or override text).
+    """
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"{schema!r} is not a dataclass")
+    merged = OmegaConf.structured(schema)
+    OmegaConf.set_struct(merged, True)
+    if path is not None:
+        file_cfg = _read_yaml(Path(path))
+        try:
+            merged = OmegaConf.merge(merged, file_cfg)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{path}: {_describe(exc)}") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override '{item}': {_describe(exc)}") from exc
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        origin = f" (config {path})" if path else ""
+        raise ConfigError(f"required keys have no value{origin}: {', '.join(missing)}")
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path or 'config'}: {_describe(exc)}") from exc
+    except (ValueError, TypeError) as exc:  # raised by a dataclass's __post_init__ validation
+        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text (stable key order: the schema's)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_flat_dict(cfg: Any) -> dict[str, Any]:
+    """``{"a.b.c": value}`` for parameter logging; lists are kept as JSON text."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = json.dumps(node) if isinstance(node, list) else node
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return out
+
+
+def config_hash(cfg: Any) -> str:
+    """A short, stable hash of the resolved config (recorded in manifests)."""
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def save_resolved(cfg: Any, out_dir: str | Path, name: str = RESOLVED_NAME) -> Path:
+    """Write the resolved config next to a job's outputs and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / name
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(target)
+    return target
+
+
+def parse_job_args(schema: type[T], argv: Sequence[str] | None, prog: str, doc: str = "") -> T:
+    """The command line every job shares: ``--config FILE [dotted.key=value ...]``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("--config", "-c", help="YAML recipe (defaults of the schema when omitted)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, applied last")
+    args = parser.parse_args(argv)
+    return load_config(schema, args.config, args.overrides)
