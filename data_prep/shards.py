@@ -60,7 +60,7 @@ class TarShardWriter:
 
     def __enter__(self) -> TarShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._buf = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in __exit__
+        self._buf = open(self.tmp_path, "wb")
         self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
         return self
 

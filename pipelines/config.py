@@ -135,4 +135,8 @@ def parse_job_args(schema: type[T], argv: Sequence[str] | None, prog: str, doc: 
     parser.add_argument("--config", "-c", help="YAML recipe (defaults of the schema when omitted)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, applied last")
     args = parser.parse_args(argv)
-    return load_config(schema, args.config, args.overrides)
+    try:
+        return load_config(schema, args.config, args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))  # usage + the message on stderr, exit status 2
+        raise  # unreachable: parser.error exits

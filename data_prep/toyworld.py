@@ -1,0 +1,293 @@
+"""The toy world: small, real or exactly-labelled sources in the input formats curation reads.
+
+``build_toyworld(cfg)`` writes, under ``cfg.out_dir``, one folder per source with a ``train/`` and an
+``eval/`` split (the evaluation split is fixed by the seed and never overlaps training):
+
+    digits/{split}/manifest.jsonl + images/*.png  real handwritten digits (sklearn)   class_label, jsonl
+    shapes/{split}/NNNNNN.png + .txt + .json      shapes with exact captions          synthetic_aesthetic, image_folder
+    charts_docs/{split}/charts_docs-000000.tar    charts and documents with Q&A       chart_doc, webdataset
+    photos/{split}/photos.parquet                 scikit-image photos + captions      caption, parquet (inline bytes)
+    text/{split}/text.jsonl                       templated text                      text, jsonl
+    toyworld.json                                 counts, files and their SHA-256
+
+Same config and seed -> byte-identical files. Nothing is downloaded: digits ship with scikit-learn,
+photographs with scikit-image, captions for them with this package (assets/photos.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from data_prep import toy_render
+from data_prep.schema import IMAGE_TAG
+from data_prep.shards import write_tar
+
+SPLITS = ("train", "eval")
+SOURCES = ("digits", "shapes", "charts_docs", "photos", "text")
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass(kw_only=True)
+class SplitSizes:
+    train: int
+    """Samples in the training split."""
+    eval: int
+    """Samples in the held-out evaluation split."""
+
+    def __post_init__(self) -> None:
+        for name in ("train", "eval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def _sizes(train: int, eval: int) -> Any:
+    return field(default_factory=lambda: SplitSizes(train=train, eval=eval))
+
+
+@dataclass(kw_only=True)
+class ToyWorldConfig:
+    out_dir: str = "outputs/toyworld"
+    """Where the sources are written (replaced source by source)."""
+    seed: int = 0
+    """Seeds every random choice; the eval split is fixed by it."""
+    image_size: int = 64
+    """Side of digit and shape images (pixels)."""
+    chart_size: int = 128
+    """Side of chart and document images (pixels)."""
+    photo_size: int = 128
+    """Side of the square photograph crops (pixels)."""
+    sources: list[str] = field(default_factory=lambda: list(SOURCES))
+    """Which sources to write."""
+    digits_eval_fraction: float = 0.1
+    """Fraction of the 1,797 sklearn digits held out for evaluation."""
+    digits_max: int | None = None
+    """Use at most this many digits (all 1,797 when None)."""
+    shapes: SplitSizes = _sizes(2000, 200)
+    """Shape images per split."""
+    shapes_max_count: int = 3
+    """At most this many shapes in one image."""
+    charts_docs: SplitSizes = _sizes(600, 100)
+    """Chart/document images per split."""
+    photos: SplitSizes = _sizes(200, 40)
+    """Photograph crops per split (spread over the bundled photographs)."""
+    text: SplitSizes = _sizes(1000, 100)
+    """Text-only samples per split."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.sources) - set(SOURCES))
+        if unknown:
+            raise ValueError(f"sources: unknown {unknown}; valid: {list(SOURCES)}")
+        if not 0.0 < self.digits_eval_fraction < 1.0:
+            raise ValueError(f"digits_eval_fraction must be in (0, 1), got {self.digits_eval_fraction}")
+        for name in ("image_size", "chart_size", "photo_size"):
+            if getattr(self, name) < 8:
+                raise ValueError(f"{name} must be >= 8 pixels, got {getattr(self, name)}")
+        if not 1 <= self.shapes_max_count <= 5:
+            raise ValueError(f"shapes_max_count must be in 1..5, got {self.shapes_max_count}")
+
+
+def _rng(seed: int, source: str, split: str) -> np.random.Generator:
+    """An independent stream per (seed, source, split): changing one source's size moves no other."""
+    tag = int.from_bytes(hashlib.sha256(f"{source}/{split}".encode()).digest()[:8], "little")
+    return np.random.default_rng(np.random.SeedSequence([seed, tag]))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
+    _write_bytes(path, text.encode("utf-8"))
+
+
+def _conversation(qas: list[tuple[str, str]]) -> list[dict[str, str]]:
+    turns = []
+    for i, (q, a) in enumerate(qas):
+        content = f"{IMAGE_TAG}\n{q}" if i == 0 else q
+        turns += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
+    return turns
+
+
+def write_digits(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    n = len(digits.target) if cfg.digits_max is None else min(cfg.digits_max, len(digits.target))
+    order = _rng(cfg.seed, "digits", "split").permutation(len(digits.target))[:n]
+    n_eval = max(1, round(n * cfg.digits_eval_fraction))
+    parts = {"eval": sorted(order[:n_eval].tolist()), "train": sorted(order[n_eval:].tolist())}
+    counts = {}
+    for split, indices in parts.items():
+        rows = []
+        for idx in indices:
+            label = int(digits.target[idx])
+            name = f"images/{idx:05d}.png"
+            img = toy_render.render_digit(digits.data[idx], cfg.image_size)
+            _write_bytes(root / split / name, toy_render.encode_image(img, "png"))
+            rows.append(
+                {
+                    "id": f"digit-{idx:05d}",
+                    "image": name,
+                    "label": label,
+                    "class_name": str(label),
+                    "prompt": f"a handwritten digit {label}",
+                    "sklearn_index": idx,
+                }
+            )
+        _write_jsonl(root / split / "manifest.jsonl", rows)
+        counts[split] = len(rows)
+    return counts
+
+
+def write_shapes(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
+    counts = {}
+    for split in SPLITS:
+        rng = _rng(cfg.seed, "shapes", split)
+        n = getattr(cfg.shapes, split)
+        for i in range(n):
+            img, facts = toy_render.render_shapes(rng, cfg.image_size, cfg.shapes_max_count)
+            stem = root / split / f"{i:06d}"
+            _write_bytes(stem.with_suffix(".png"), toy_render.encode_image(img, "png"))
+            _write_bytes(stem.with_suffix(".txt"), facts["caption"].encode("utf-8"))
+            _write_bytes(stem.with_suffix(".json"), json.dumps(facts, sort_keys=True).encode("utf-8"))
+        counts[split] = n
+    return counts
+
+
+def write_charts_docs(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
+    counts = {}
+    for split in SPLITS:
+        rng = _rng(cfg.seed, "charts_docs", split)
+        n = getattr(cfg.charts_docs, split)
+        records = []
+        for i in range(n):
+            render = toy_render.render_chart if rng.random() < 0.7 else toy_render.render_document
+            img, facts = render(rng, cfg.chart_size)
+            qas = facts.pop("qas")
+            # Ask a seeded subset of the questions, in a seeded order.
+            keep = rng.permutation(len(qas))[: int(rng.integers(1, len(qas) + 1))]
+            meta = {**facts, "conversation": _conversation([tuple(qas[k]) for k in sorted(keep)])}
+            records.append(
+                {
+                    "__key__": f"{split}_{i:06d}",
+                    "png": toy_render.encode_image(img, "png"),
+                    "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                }
+            )
+        (root / split).mkdir(parents=True, exist_ok=True)
+        write_tar(root / split / "charts_docs-000000.tar", records)
+        counts[split] = n
+    return counts
+
+
+def _load_photos() -> list[tuple[str, str, Image.Image]]:
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    spec = json.loads((ASSETS / "photos.json").read_text())["photos"]
+    out = []
+    for item in spec:
+        path = folder / item["file"]
+        if path.is_file():  # a scikit-image release without this file just contributes fewer photos
+            with Image.open(path) as im:
+                out.append((item["file"], item["caption"], im.convert("RGB")))
+    if not out:
+        raise FileNotFoundError(f"no bundled scikit-image photographs found in {folder}")
+    return out
+
+
+def write_photos(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    photos = _load_photos()
+    counts = {}
+    for split in SPLITS:
+        rng = _rng(cfg.seed, "photos", split)
+        n = getattr(cfg.photos, split)
+        rows: dict[str, list[Any]] = {"key": [], "image": [], "caption": [], "photo": []}
+        for i in range(n):
+            name, caption, img = photos[i % len(photos)]
+            w, h = img.size
+            side = int(min(w, h) * rng.uniform(0.45, 0.8))
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            crop = img.crop((x, y, x + side, y + side)).resize((cfg.photo_size,) * 2, Image.Resampling.LANCZOS)
+            rows["key"].append(f"{split}_{i:06d}")
+            rows["image"].append(toy_render.encode_image(crop, "jpg"))
+            rows["caption"].append(caption)
+            rows["photo"].append(name)
+        table = pa.table({k: pa.array(v, type=pa.binary() if k == "image" else pa.string()) for k, v in rows.items()})
+        (root / split).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, root / split / "photos.parquet", compression="zstd")
+        counts[split] = n
+    return counts
+
+
+def write_text(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
+    counts = {}
+    for split in SPLITS:
+        rng = _rng(cfg.seed, "text", split)
+        n = getattr(cfg.text, split)
+        rows = [{"id": f"{split}_{i:06d}", **toy_render.render_text(rng)} for i in range(n)]
+        _write_jsonl(root / split / "text.jsonl", rows)
+        counts[split] = n
+    return counts
+
+
+WRITERS: dict[str, Callable[[ToyWorldConfig, Path], dict[str, int]]] = {
+    "digits": write_digits,
+    "shapes": write_shapes,
+    "charts_docs": write_charts_docs,
+    "photos": write_photos,
+    "text": write_text,
+}
+SOURCE_SPECS: dict[str, dict[str, str]] = {
+    "digits": {"kind": "class_label", "format": "jsonl"},
+    "shapes": {"kind": "synthetic_aesthetic", "format": "image_folder"},
+    "charts_docs": {"kind": "chart_doc", "format": "webdataset"},
+    "photos": {"kind": "caption", "format": "parquet"},
+    "text": {"kind": "text", "format": "jsonl"},
+}
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def build_toyworld(cfg: ToyWorldConfig, log: Callable[[str], None] = print) -> Path:
+    """Write every configured source (each replaced atomically) and ``toyworld.json``; returns out_dir."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"seed": cfg.seed, "sources": {}}
+    for name in cfg.sources:
+        partial = out / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        counts = WRITERS[name](cfg, partial)
+        final = out / name
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        hashes = _file_hashes(final)
+        summary["sources"][name] = {
+            **SOURCE_SPECS[name],
+            "counts": counts,
+            "files": len(hashes),
+            "sha256": hashlib.sha256(json.dumps(hashes).encode()).hexdigest(),
+        }
+        log(f"toyworld: {name:<12} train={counts['train']:<6} eval={counts['eval']:<6} -> {final}")
+    (out / "toyworld.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return out

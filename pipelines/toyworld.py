@@ -1,0 +1,25 @@
+"""Write the toy-world sources: ``python -m pipelines.toyworld --config configs/data/toyworld.yaml``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+
+from data_prep.toyworld import ToyWorldConfig, build_toyworld
+from pipelines.config import parse_job_args, save_resolved
+
+CONFIG = ToyWorldConfig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_job_args(ToyWorldConfig, argv, prog="python -m pipelines.toyworld", doc=__doc__ or "")
+    start = time.perf_counter()
+    out = build_toyworld(cfg)
+    save_resolved(cfg, out)
+    print(f"toyworld: wrote {out} in {time.perf_counter() - start:.1f}s (summary: {out / 'toyworld.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
