@@ -155,10 +155,7 @@ def collate(
     training); ``mask_dropped`` also zeroes their attention (JanusFlow). Without ``pack`` there is one
     sample per row, padded to the longest (``max_len`` then only bounds it).
     """
-    built = [
-        build_example(s, tokenizer, special, num_image_tokens, cfg_drop_prob, rng, mask_dropped)
-        for s in samples
-    ]
+    built = [build_example(s, tokenizer, special, num_image_tokens, cfg_drop_prob, rng, mask_dropped) for s in samples]
     examples, masks = [e for e, _ in built], [m for _, m in built]
     lengths = [len(e) for e in examples]
     if pack:

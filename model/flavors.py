@@ -184,13 +184,10 @@ class FlavorConfig:
             raise ValueError(f"FlavorConfig.families {self.families!r}: each must be one of {FAMILIES}")
         if "janus_pro" in self.families and self.vision.grid != self.vq.grid:
             # transformers' Janus uses one num_image_tokens for understanding and generation
-            raise ValueError(
-                f"FlavorConfig {self.name}: vision grid {self.vision.grid} != vq grid {self.vq.grid}"
-            )
+            raise ValueError(f"FlavorConfig {self.name}: vision grid {self.vision.grid} != vq grid {self.vq.grid}")
         if "janusflow" in self.families and self.vision.grid != self.flow.grid:
             raise ValueError(
-                f"FlavorConfig {self.name}: REPA needs vision grid {self.vision.grid} == flow grid "
-                f"{self.flow.grid}"
+                f"FlavorConfig {self.name}: REPA needs vision grid {self.vision.grid} == flow grid {self.flow.grid}"
             )
 
     def family(self, family: str | None = None) -> str:
