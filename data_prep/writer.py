@@ -1,0 +1,199 @@
+"""Curated output of one source: shards (+ .parquet and _stats.json each), rejects ledger, manifest.json.
+
+Layout (DESIGN.md)::
+
+    {out}/{source}/{source}-000000.tar        samples in job order (schema.encode_sample)
+    {out}/{source}/{source}-000000.parquet    one row of metadata per sample of the shard
+    {out}/{source}/{source}-000000_stats.json written last: its presence marks the shard complete
+    {out}/{source}/rejects/rejects.parquet    location, key, source_key, reason, detail, duplicate_of
+    {out}/{source}/rejects/summary.json       rejected inputs per reason
+    {out}/{source}/manifest.json              counts, bytes, shards with SHA-256, config hash
+
+Every file is written to a temporary name and renamed, so a crash leaves complete files or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep.process import staging_path
+from data_prep.schema import SCHEMA_VERSION, Sample, SampleMeta, encode_sample
+from data_prep.shards import TarShardWriter, shard_name
+
+TAR_RECORD = 10240  # tarfile pads archives to 20 blocks of 512 bytes
+TAR_END = 1024  # two zero blocks close a tar
+REJECT_SCHEMA = pa.schema(
+    [
+        ("location", pa.string()),
+        ("key", pa.string()),
+        ("source_key", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("duplicate_of", pa.string()),
+    ]
+)
+
+
+@dataclass(kw_only=True)
+class ShardConfig:
+    samples_per_shard: int = 1000
+    """Target samples per shard (the last shard may be short)."""
+    max_shard_bytes: int = 512 * 1024 * 1024
+    """Byte cap per tar; a shard closes early rather than exceed it (one oversized sample gets its own)."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError(f"shards.samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.max_shard_bytes < TAR_RECORD:
+            raise ValueError(f"shards.max_shard_bytes must be >= {TAR_RECORD}, got {self.max_shard_bytes}")
+
+
+def tar_file_size(member_bytes: int) -> int:
+    return -(-(member_bytes + TAR_END) // TAR_RECORD) * TAR_RECORD
+
+
+def plan_shards(tar_bytes: Sequence[int], cfg: ShardConfig) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges over kept samples honouring the count target and the byte cap."""
+    ranges: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for i, size in enumerate(tar_bytes):
+        full = i - start >= cfg.samples_per_shard or tar_file_size(used + size) > cfg.max_shard_bytes
+        if i > start and full:
+            ranges.append((start, i))
+            start, used = i, 0
+        used += size
+    if start < len(tar_bytes):
+        ranges.append((start, len(tar_bytes)))
+    return ranges
+
+
+def keys_digest(keys: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for key in keys:
+        h.update(key.encode() + b"\n")
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_rows(work_dir: str, source: str, members: Sequence[tuple[int, Sequence[int]]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for unit, positions in members:
+        path = staging_path(work_dir, source, unit)
+        table = pq.read_table(path, columns=["pos", "key", "image", "image_ext", "text", "meta"])
+        by_pos = {r["pos"]: r for r in table.to_pylist()}
+        rows.extend(by_pos[p] for p in positions)
+    return rows
+
+
+def _meta_row(key: str, meta: SampleMeta, sample: Sample) -> dict[str, Any]:
+    return {
+        "key": key,
+        "source": meta.source,
+        "source_key": meta.source_key,
+        "task": meta.task,
+        "width": meta.width,
+        "height": meta.height,
+        "sha256": meta.sha256,
+        "phash": meta.phash,
+        "label": meta.label,
+        "class_name": meta.class_name,
+        "image_ext": sample.image_ext,
+        "image_bytes": len(sample.image) if sample.image is not None else 0,
+        "text": sample.text,
+        "scores": json.dumps(meta.scores, sort_keys=True),
+        "meta": meta.to_json().decode(),
+    }
+
+
+def write_shard(spec: dict[str, Any], work_dir: str, out_dir: str) -> dict[str, Any]:
+    """Write one shard (tar, parquet, then stats) from staging; reuse it when its stats match the spec."""
+    source, index = spec["source"], spec["index"]
+    folder = Path(out_dir) / source
+    tar_path = folder / shard_name(source, index)
+    stats_path = folder / f"{source}-{index:06d}_stats.json"
+    if stats_path.exists() and tar_path.exists():
+        stats = json.loads(stats_path.read_text())
+        if stats.get("keys_digest") == spec["keys_digest"] and stats.get("config_hash") == spec["config_hash"]:
+            return {**stats, "reused": True}
+    rows = _load_rows(work_dir, source, spec["members"])
+    meta_rows = []
+    with TarShardWriter(tar_path) as writer:
+        for row in rows:
+            meta = SampleMeta.from_json(row["meta"])
+            sample = Sample(key=row["key"], meta=meta, image=row["image"], image_ext=row["image_ext"], text=row["text"])
+            writer.write(encode_sample(sample))
+            meta_rows.append(_meta_row(row["key"], meta, sample))
+    atomic_write_parquet(folder / shard_name(source, index, "parquet"), pa.Table.from_pylist(meta_rows))
+    stats = {
+        "shard": tar_path.name,
+        "source": source,
+        "samples": len(rows),
+        "bytes": tar_path.stat().st_size,
+        "sha256": file_sha256(tar_path),
+        "image_bytes": sum(r["image_bytes"] for r in meta_rows),
+        "keys_digest": spec["keys_digest"],
+        "config_hash": spec["config_hash"],
+        "schema_version": SCHEMA_VERSION,
+    }
+    if spec.get("fail"):
+        raise RuntimeError(f"injected failure after writing {tar_path.name} (before its stats)")
+    atomic_write_json(stats_path, stats)
+    return {**stats, "reused": False}
+
+
+def write_rejects(folder: Path, rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    atomic_write_parquet(folder / "rejects" / "rejects.parquet", pa.Table.from_pylist(rows, schema=REJECT_SCHEMA))
+    atomic_write_json(folder / "rejects" / "summary.json", dict(sorted(counts.items())))
+    return dict(sorted(counts.items()))
+
+
+def remove_stale(folder: Path, source: str, n_shards: int) -> None:
+    """Delete shards past the last one of this run and temporary files left by a killed run."""
+    if not folder.exists():
+        return
+    for path in folder.iterdir():
+        name = path.name
+        if ".tmp" in name:
+            path.unlink()
+            continue
+        stem = name.split(".", 1)[0].removesuffix("_stats")
+        prefix, _, num = stem.rpartition("-")
+        if prefix == source and num.isdigit() and int(num) >= n_shards:
+            path.unlink()

@@ -1,0 +1,362 @@
+"""Curation job: sources in, curated webdataset shards + manifests + rejects ledger out.
+
+    python -m pipelines.curate --config configs/data/curate_toyworld.yaml [dotted.key=value ...]
+
+Runs on a local Ray instance, or on a cluster when ``RAY_ADDRESS`` is set or under ``ray job submit``.
+The DAG, each step a Ray Data stage or a small driver step:
+
+1. list units (driver): each source cut into units (line ranges, row groups, folder chunks, tar shards);
+2. process units (Ray Data ``map_batches``, one unit per call; an actor pool when scorers are configured):
+   read -> validate -> filter -> decode/convert -> hash/pHash -> normalise, staged per unit under
+   ``{out}/_work`` (atomic files: a rerun skips units already staged);
+3. dedup (driver): global exact + near-duplicate pass over the small (key, hash, pHash) table of all sources;
+4. write (Ray Data ``map_batches``, one shard per call): contiguous, deterministic shards through
+   data_prep.shards.TarShardWriter, then a .parquet and a _stats.json (last) beside each tar; a shard whose
+   stats match is reused;
+5. finish (driver): rejects ledger, manifest.json, the accounting check inputs = kept + rejected, the
+   summary table and the MLflow run "curate".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep.dedup import DedupConfig, find_duplicates
+from data_prep.imaging import ImageConfig
+from data_prep.process import SMALL_COLUMNS, InjectedFailure, process_unit, staging_path
+from data_prep.report import grid_image, source_metrics, summary_table
+from data_prep.schema import SCHEMA_VERSION
+from data_prep.scorers import ScorerConfig, build_scorers
+from data_prep.sources import SourceConfig, Unit, list_units
+from data_prep.writer import (
+    ShardConfig,
+    atomic_write_json,
+    keys_digest,
+    plan_shards,
+    remove_stale,
+    write_rejects,
+    write_shard,
+)
+from pipelines.config import parse_job_args, save_resolved, to_flat_dict
+from pipelines.tracking import TrackingConfig, build_tracker
+
+WORK_DIR = "_work"
+LOG_DIR = "_logs"
+
+
+@dataclass(kw_only=True)
+class ExecConfig:
+    num_cpus: int = 0
+    """CPUs of a local Ray instance started by the job (0: all cores); ignored when joining a cluster."""
+    scorer_actors: int = 1
+    """Size of the actor pool that runs units when scorers are configured."""
+    keep_work: bool = False
+    """Keep the staging folder {out}/_work after a successful run (it is what makes a rerun resume)."""
+    progress: bool = True
+    """Show Ray Data progress bars."""
+    fail_at_unit: int = -1
+    """Fault injection for tests: the task processing this job-wide unit number raises (-1: off)."""
+    fail_at_shard: int = -1
+    """Fault injection for tests: this job-wide shard number raises after its tar, before its stats (-1: off)."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0 or self.scorer_actors < 1:
+            raise ValueError("exec.num_cpus must be >= 0 and exec.scorer_actors >= 1")
+
+
+@dataclass(kw_only=True)
+class CurateConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The sources to curate: [{name, kind, format, path, ...field mapping, filters}]."""
+    out_dir: str = "outputs/curated"
+    """Output root: one folder per source."""
+    seed: int = 0
+    """Seed of every choice that is not fixed by the data (the report's sample grid)."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    """Decoding cap and normalisation (resize, re-encode)."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Global exact and near-duplicate removal across all sources."""
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    """Samples and bytes per shard."""
+    scorers: list[ScorerConfig] = field(default_factory=list)
+    """Model-based scorers run on every image candidate (thresholds: each source's filters)."""
+    exec: ExecConfig = field(default_factory=ExecConfig)
+    """Where and how it runs (not part of the output's identity)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow / JSONL tracking."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("sources is empty: give at least one {name, kind, format, path}")
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sources: duplicate names {dupes}")
+        if any(n.startswith("_") for n in names):
+            raise ValueError("sources.name must not start with '_' (reserved for _work and _logs)")
+
+
+class AccountingError(RuntimeError):
+    """A source whose inputs do not equal kept + rejected."""
+
+
+def content_config_hash(cfg: CurateConfig) -> str:
+    """Hash of everything that decides the output bytes (not out_dir, exec or tracking)."""
+    data = dataclasses.asdict(cfg)
+    for name in ("out_dir", "exec", "tracking"):
+        data.pop(name)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int) -> Iterator[None]:
+    """Join the running Ray (RAY_ADDRESS, ray job submit, a test's instance) or start a local one."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(num_cpus=num_cpus or None, include_dashboard=False)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def prepare_work_dir(cfg: CurateConfig) -> Path:
+    """The staging folder, emptied when it was made under a different config (so staging is never stale)."""
+    work = Path(cfg.out_dir) / WORK_DIR
+    stamp = work / "config_hash"
+    want = content_config_hash(cfg)
+    if work.exists() and (not stamp.exists() or stamp.read_text().strip() != want):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(want + "\n")
+    return work
+
+
+def _unit_context(cfg: CurateConfig, work: Path) -> dict[str, Any]:
+    return {"sources": {s.name: s for s in cfg.sources}, "image": cfg.image, "work": str(work),
+            "fail_at_unit": cfg.exec.fail_at_unit}
+
+
+def _run_units(batch: dict[str, np.ndarray], ctx: dict[str, Any], scorers: list[Any]) -> dict[str, list]:
+    out: dict[str, list] = {"summary": []}
+    for text, gid in zip(batch["unit"], batch["gid"], strict=True):
+        if int(gid) == ctx["fail_at_unit"]:
+            raise InjectedFailure(f"injected failure in job unit {gid}")
+        unit = Unit.from_json(str(text))
+        src = ctx["sources"][unit.source]
+        summary = process_unit(unit, src, ctx["image"], ctx["work"], scorers)
+        out["summary"].append(json.dumps(summary, sort_keys=True))
+    return out
+
+
+def run_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str, list]:
+    """Ray Data task: process the units of a batch (no scorers)."""
+    return _run_units(batch, ctx, [])
+
+
+class ScoringUnitRunner:
+    """Ray Data actor: loads the scorers' weights once, then processes units with them."""
+
+    def __init__(self, ctx: dict[str, Any], scorers: list[ScorerConfig]) -> None:
+        self.ctx = ctx
+        self.scorers = build_scorers(scorers)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        return _run_units(batch, self.ctx, self.scorers)
+
+
+def process_all_units(cfg: CurateConfig, units: list[Unit], work: Path) -> list[dict[str, Any]]:
+    """Stage every unit not staged yet (Ray Data); return the summaries of all units."""
+    import ray
+
+    ctx = _unit_context(cfg, work)
+    pending = [
+        {"unit": u.to_json(), "gid": gid}
+        for gid, u in enumerate(units)
+        if not staging_path(str(work), u.source, u.index).exists()
+    ]
+    if pending:
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.exec.progress
+        ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+        if cfg.scorers:
+            gpus = sum(s.num_gpus for s in cfg.scorers)
+            ds = ds.map_batches(
+                ScoringUnitRunner,
+                batch_size=1,
+                fn_constructor_kwargs={"ctx": ctx, "scorers": cfg.scorers},
+                concurrency=cfg.exec.scorer_actors,
+                num_gpus=gpus or None,
+            )
+        else:
+            ds = ds.map_batches(run_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1)
+        ds.take_all()
+    return [_unit_summary(work, u) for u in units]
+
+
+def _unit_summary(work: Path, unit: Unit) -> dict[str, Any]:
+    meta = pq.read_metadata(staging_path(str(work), unit.source, unit.index)).metadata or {}
+    return json.loads(meta[b"janus.unit"])
+
+
+def load_small_table(work: Path, units: list[Unit]) -> pa.Table:
+    """Staging rows of all units without payload, in job order (sources in config order, then input order)."""
+    tables = []
+    for i, u in enumerate(units):
+        t = pq.read_table(staging_path(str(work), u.source, u.index), columns=SMALL_COLUMNS)
+        tables.append(t.append_column("source", pa.array([u.source] * len(t), pa.string()))
+                      .append_column("job_unit", pa.array([i] * len(t), pa.int32())))
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in SMALL_COLUMNS})
+
+
+def decide(small: pa.Table, cfg: CurateConfig) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
+    """Global dedup. Returns the rows of every kept sample and, per source, its reject ledger rows."""
+    rows = small.to_pylist()
+    cands = [r for r in rows if r["reason"] is None]
+    dups = find_duplicates([r["key"] for r in cands], [r["content_hash"] for r in cands],
+                           [r["phash"] for r in cands], cfg.dedup)
+    for r, dup in zip(cands, dups, strict=True):
+        r["duplicate"] = dup
+    rejects: dict[str, list[dict]] = {s.name: [] for s in cfg.sources}
+    kept = []
+    for r in rows:
+        dup = r.get("duplicate")
+        if r["reason"] is None and dup is None:
+            kept.append(r)
+            continue
+        reason, detail, dup_of = (dup[0], "", dup[1]) if dup else (r["reason"], r["detail"] or "", None)
+        rejects[r["source"]].append({"location": r["location"], "key": r["key"], "source_key": r["source_key"],
+                                     "reason": reason, "detail": detail, "duplicate_of": dup_of})
+    return kept, rejects
+
+
+def shard_specs(cfg: CurateConfig, kept: list[dict[str, Any]], chash: str) -> list[dict[str, Any]]:
+    specs: list[dict[str, Any]] = []
+    for src in cfg.sources:
+        rows = [r for r in kept if r["source"] == src.name]
+        for index, (start, stop) in enumerate(plan_shards([r["tar_bytes"] for r in rows], cfg.shards)):
+            part = rows[start:stop]
+            members: list[list] = []
+            for r in part:
+                if not members or members[-1][0] != r["unit"]:
+                    members.append([r["unit"], []])
+                members[-1][1].append(r["pos"])
+            specs.append({"source": src.name, "index": index, "members": members, "config_hash": chash,
+                          "keys_digest": keys_digest(r["key"] for r in part),
+                          "fail": len(specs) == cfg.exec.fail_at_shard})
+    return specs
+
+
+def write_shards_batch(batch: dict[str, np.ndarray], work: str, out: str) -> dict[str, list]:
+    """Ray Data task: write the shards of a batch of specs."""
+    return {"stats": [json.dumps(write_shard(json.loads(str(s)), work, out)) for s in batch["spec"]]}
+
+
+def write_all_shards(cfg: CurateConfig, specs: list[dict[str, Any]], work: Path) -> list[dict[str, Any]]:
+    import ray
+
+    if not specs:
+        return []
+    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs))
+    ds = ds.map_batches(write_shards_batch, batch_size=1, num_cpus=1,
+                        fn_kwargs={"work": str(work), "out": cfg.out_dir})
+    stats = [json.loads(r["stats"]) for r in ds.take_all()]
+    return sorted(stats, key=lambda s: (s["source"], s["shard"]))
+
+
+def finish_source(cfg: CurateConfig, src: SourceConfig, units: list[dict], stats: list[dict],
+                  rejects: list[dict], chash: str) -> dict[str, Any]:
+    """Rejects ledger, stale-file cleanup, accounting check, then manifest.json (written last)."""
+    folder = Path(cfg.out_dir) / src.name
+    by_reason = write_rejects(folder, rejects)
+    remove_stale(folder, src.name, len(stats))
+    inputs = sum(u["inputs"] for u in units)
+    kept = sum(s["samples"] for s in stats)
+    if inputs != kept + len(rejects):
+        raise AccountingError(f"source {src.name}: inputs {inputs} != kept {kept} + rejected {len(rejects)}")
+    ignored: dict[str, int] = {}
+    for u in units:
+        for ext, n in u["ignored_members"].items():
+            ignored[ext] = ignored.get(ext, 0) + n
+    manifest = {
+        "source": src.name, "kind": src.kind, "task": src.task, "format": src.format, "path": src.path,
+        "schema_version": SCHEMA_VERSION, "inputs": inputs, "kept": kept, "rejected": len(rejects),
+        "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in stats),
+        "shards": [{"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
+                   for s in stats],
+        "config_hash": chash, "ignored_members": dict(sorted(ignored.items())),
+        "rejects": "rejects/rejects.parquet",
+    }
+    atomic_write_json(folder / "manifest.json", manifest)
+    seconds = sum(u["seconds"] for u in units)
+    return {**manifest, "seconds": seconds}
+
+
+def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
+    """The whole DAG on the Ray instance this process is connected to. Returns one result per source."""
+    chash = content_config_hash(cfg)
+    work = prepare_work_dir(cfg)
+    units = [u for src in cfg.sources for u in list_units(src)]
+    summaries = process_all_units(cfg, units, work)
+    kept, rejects = decide(load_small_table(work, units), cfg)
+    stats = write_all_shards(cfg, shard_specs(cfg, kept, chash), work)
+    results = []
+    for src in cfg.sources:
+        src_units = [s for s in summaries if s["source"] == src.name]
+        src_stats = [s for s in stats if s["source"] == src.name]
+        results.append(finish_source(cfg, src, src_units, src_stats, rejects[src.name], chash))
+    if not cfg.exec.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def log_run(cfg: CurateConfig, results: list[dict[str, Any]], wall_s: float) -> None:
+    """MLflow run "curate": parameters, counts per reason, throughput, grids, manifests, rejects summary."""
+    tracker = build_tracker(cfg.tracking, "curate", jsonl_path=Path(cfg.out_dir) / LOG_DIR / "curate.jsonl")
+    with tracker:
+        tracker.log_params(to_flat_dict(cfg))
+        tracker.log_metrics(source_metrics(results, wall_s))
+        for r in results:
+            folder = Path(cfg.out_dir) / r["source"]
+            tracker.log_artifact(folder / "manifest.json", f"manifests/{r['source']}")
+            grid = grid_image([folder / s["name"] for s in r["shards"]], cfg.seed)
+            if grid is not None:
+                tracker.log_image(grid, f"grids/{r['source']}.png")
+        tracker.log_dict({r["source"]: r["rejects_by_reason"] for r in results}, "rejects_summary.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_job_args(CurateConfig, argv, "python -m pipelines.curate", __doc__ or "")
+    save_resolved(cfg, Path(cfg.out_dir) / LOG_DIR)
+    start = time.perf_counter()
+    with ray_session(cfg.exec.num_cpus):
+        results = run_curation(cfg)
+    wall = time.perf_counter() - start
+    print(summary_table(results, wall), file=sys.stderr)
+    log_run(cfg, results, wall)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
