@@ -143,6 +143,8 @@ class JanusFlowTask(nn.Module):
             rf, repa = self.generation_losses(batch, hidden, out.hidden_states, x1, flow)
             loss = loss + rf + self.cfg.repa_weight * repa
             metrics.update({"loss/rf": float(rf.detach()), "loss/repa": float(repa.detach())})
+            if self.cfg.compute_metrics:  # per generation task: its samples' RF loss
+                metrics.update(per_task_means(self._rf_per_sample, batch["gen_task"], "loss"))
         metrics["loss"] = float(loss.detach())
         if self.cfg.compute_metrics:
             metrics.update(per_task_means(text_ce, batch["token_task"][:, 1:][text_mask], "loss"))
@@ -154,7 +156,9 @@ class JanusFlowTask(nn.Module):
         slots = batch["kinds"] == GEN_SLOT
         n = x1.shape[0]
         v = m.decode_velocity(hidden[slots].view(n, -1, hidden.shape[-1]), skip, t_emb)
-        rf = F.mse_loss(v.float(), (x1 - z0).float())
+        per_sample = (v.float() - (x1 - z0).float()).pow(2).mean(dim=(1, 2, 3))
+        rf = per_sample.mean()
+        self._rf_per_sample = per_sample.detach()
         pix = batch.get("gen_pixel_values")
         if pix is None or self.cfg.repa_weight == 0:
             return rf, rf.new_zeros(())

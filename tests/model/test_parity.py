@@ -1,0 +1,82 @@
+"""Our losses against independent computations on the same weights and batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.collate import collate
+from model.janus_pro import JanusProTask, build_janus_pro, vq_encode
+from model.prompts import prompt_ids
+from tests.model.toy import make_sample
+
+
+def _collate(samples, tokenizer, special, **kw):
+    return collate(
+        samples,
+        tokenizer=tokenizer,
+        special=special,
+        num_image_tokens=64,
+        und_image_size=64,
+        gen_image_size=64,
+        **kw,
+    )
+
+
+def test_understanding_loss_equals_transformers_loss(debug_flavor, tokenizer, special):
+    model = build_janus_pro(debug_flavor).eval()
+    samples = [make_sample(t, i) for i, t in enumerate(("caption", "chart_doc", "sft", "text", "caption"))]
+    batch = _collate(samples, tokenizer, special)
+    ours, metrics = JanusProTask(model)(batch)
+    ref = model(
+        input_ids=batch["input_ids"],
+        pixel_values=batch["und_pixel_values"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+    ).loss
+    assert batch["und_pixel_values"].shape[0] == 4
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert {"loss/caption", "loss/chart_doc", "loss/sft", "loss/text"} <= set(metrics)
+
+
+def _direct_t2i_loss(model, tokenizer, special, sample, ids: torch.Tensor) -> torch.Tensor:
+    """Prompt + <begin_of_image> + embedded ids[:-1] through the LLM; generation head on the last n."""
+    prompt = torch.tensor([[*prompt_ids(tokenizer, special, sample.text), special.boi]])
+    text = model.get_input_embeddings()(prompt)
+    img = model.model.generation_aligner(model.model.generation_embeddings(ids[None, :-1]))
+    hidden = model.model.language_model(inputs_embeds=torch.cat([text, img], 1)).last_hidden_state
+    logits = model.model.generation_head(hidden[:, -ids.numel() :])
+    return F.cross_entropy(logits[0], ids, reduction="sum")
+
+
+def test_t2i_loss_equals_direct_computation(debug_flavor, tokenizer, special):
+    model = build_janus_pro(debug_flavor).eval()
+    samples = [make_sample("t2i", 1, vq_tokens=64), make_sample("t2i", 2, vq_tokens=64)]
+    batch = _collate(samples, tokenizer, special)
+    ours, _ = JanusProTask(model)(batch)
+    total = sum(_direct_t2i_loss(model, tokenizer, special, s, torch.from_numpy(s.vq.astype("int64"))) for s in samples)
+    torch.testing.assert_close(ours, total / 128, rtol=1e-5, atol=1e-5)
+
+
+def test_t2i_loss_from_pixels_uses_the_frozen_vq(debug_flavor, tokenizer, special):
+    model = build_janus_pro(debug_flavor).eval()
+    samples = [make_sample("t2i", 3), make_sample("class_label", 4)]
+    batch = _collate(samples, tokenizer, special)
+    assert "gen_ids" not in batch
+    ids = vq_encode(model, batch["gen_pixel_values"])
+    assert ids.shape == (2, 64)
+    ours, _ = JanusProTask(model)(batch)
+    batch_ids = dict(batch, gen_ids=ids)
+    torch.testing.assert_close(ours, JanusProTask(model)(batch_ids)[0])
+
+
+def test_packed_batch_has_the_same_loss(debug_flavor, tokenizer, special):
+    model = build_janus_pro(debug_flavor).eval()
+    tasks = ("caption", "text", "t2i", "sft", "class_label", "text")
+    samples = [make_sample(t, i, vq_tokens=64) for i, t in enumerate(tasks)]
+    plain = _collate(samples, tokenizer, special)
+    packed = _collate(samples, tokenizer, special, max_len=256, pack=True)
+    assert packed["input_ids"].shape[0] < len(samples)
+    assert int(packed["segment_ids"].max()) > 1
+    task = JanusProTask(model)
+    torch.testing.assert_close(task(plain)[0], task(packed)[0], rtol=1e-5, atol=1e-5)
