@@ -1,0 +1,191 @@
+"""Write a stage's shards from its plan, and the stage manifest with target and realised ratios.
+
+Samples keep the schema: the mixer only changes ``meta.task`` (a source used as another task, e.g. caption ->
+t2i), the key (suffixed so that a repeated or re-tasked sample stays unique) and, for the chosen fraction of
+generation prompts, the text (first sentence only). Everything is a function of the plan, so the bytes are
+reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from data_prep.blend import stable_int
+from data_prep.mixture import MANIFEST_NAME, SourceEntry, StagePlan
+from data_prep.schema import GENERATION_TASKS, KEY_FIELD, decode_sample, encode_sample
+from data_prep.shards import TarShardWriter, shard_name
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def first_sentence(text: str) -> str:
+    """The text up to and including its first sentence end (the whole text when it has one sentence)."""
+    match = _SENTENCE_END.search(text.strip())
+    return text.strip()[: match.end()] if match else text
+
+
+def truncation_chosen(seed: int, key: str, fraction: float) -> bool:
+    """Deterministic per-sample choice with probability ``fraction``."""
+    return fraction > 0 and stable_int("caption", seed, key) / 2**63 < fraction
+
+
+class SourceReader:
+    """Raw records of curated samples by index, reading only their bytes from the tars."""
+
+    def __init__(self, sources: dict[str, SourceEntry]) -> None:
+        self.sources = sources
+        self._files: dict[Path, BinaryIO] = {}
+
+    def record(self, source: str, index: int) -> dict[str, Any]:
+        entry = self.sources[source]
+        shard, members = entry.members[index]
+        path = entry.shards[shard]
+        fh = self._files.get(path)
+        if fh is None:
+            fh = self._files[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
+        out: dict[str, Any] = {KEY_FIELD: entry.keys[index]}
+        for ext, offset, size in members:
+            fh.seek(offset)
+            out[ext] = fh.read(size)
+        return out
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+def mix_record(
+    record: dict[str, Any], *, task: str, epoch: int, seed: int, caption_fraction: float
+) -> tuple[dict[str, Any], bool]:
+    """A curated record as it goes into a stage shard; also whether its prompt was cut to one sentence."""
+    sample = decode_sample(record)
+    key = sample.key
+    if task != sample.meta.task:
+        key = f"{key}-{task}"
+        sample.meta.task = task
+    if epoch:
+        key = f"{key}-r{epoch}"
+    sample.key = key
+    cut = False
+    if task in GENERATION_TASKS and sample.text and truncation_chosen(seed, key, caption_fraction):
+        short = first_sentence(sample.text)
+        cut = short != sample.text
+        sample.text = short
+    return encode_sample(sample), cut
+
+
+def write_stage_shards(plan: StagePlan, reader: SourceReader, out_dir: Path, caption_fraction: float) -> dict:
+    """Write every shard of the plan under ``out_dir``; returns the counts the manifest reports."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [shard_name(plan.name, s) for s in range(plan.num_shards)]
+    for stale in out_dir.glob(f"{plan.name}-*.tar"):
+        if stale.name not in names:
+            stale.unlink()
+    num_groups = len(plan.groups)
+    shard_counts = np.zeros((plan.num_shards, num_groups), dtype=np.int64)
+    source_counts = [np.zeros(len(g.sources), dtype=np.int64) for g in plan.groups]
+    used = [[set() for _ in g.sources] for g in plan.groups]
+    cut = 0
+    for s, name in enumerate(names):
+        slots = plan.shard_slots(s)
+        with TarShardWriter(out_dir / name) as writer:
+            for g, src, idx, epoch in zip(*(slots[k].tolist() for k in ("group", "source", "sample", "epoch")),
+                                          strict=True):
+                gp = plan.groups[g]
+                record = reader.record(gp.sources[src], idx)
+                mixed, was_cut = mix_record(record, task=gp.use_as[src], epoch=epoch, seed=plan.seed,
+                                            caption_fraction=caption_fraction)
+                writer.write(mixed)
+                cut += was_cut
+                source_counts[g][src] += 1
+                used[g][src].add(idx)
+        shard_counts[s] = np.bincount(slots["group"], minlength=num_groups)
+    return {"names": names, "shard_counts": shard_counts, "source_counts": source_counts,
+            "distinct": [[len(u) for u in us] for us in used], "caption_cut": cut}
+
+
+def _ratios(counts: np.ndarray, groups: list[str]) -> dict[str, float]:
+    total = max(int(counts.sum()), 1)
+    return {g: round(float(c) / total, 6) for g, c in zip(groups, counts, strict=True)}
+
+
+def build_manifest(plan: StagePlan, written: dict, sources: dict[str, SourceEntry], info: dict) -> dict:
+    """The stage manifest (shard hashes are added by :func:`finalize_manifest`)."""
+    groups = [g.name for g in plan.groups]
+    sched, index = plan.index.sched, plan.index
+    targets = sched.targets(index.bounds)
+    shard_targets = np.diff(targets, axis=0)
+    dev = np.abs(written["shard_counts"] - shard_targets)
+    worst = int(dev.max(axis=1).argmax())
+    total_target = targets[-1]
+    out_groups = {}
+    for gi, gp in enumerate(plan.groups):
+        srcs = {}
+        for si, s in enumerate(gp.sources):
+            count = int(written["source_counts"][gi][si])
+            srcs[s] = {"weight": float(gp.pattern.weights[si]), "use_as": gp.use_as[si],
+                       "available": int(gp.available[si]), "count": count,
+                       "distinct_used": int(written["distinct"][gi][si]),
+                       "repeat_factor": round(count / int(gp.available[si]), 6),
+                       "manifest_sha256": sources[s].manifest_sha256}
+        out_groups[gp.name] = {
+            "target_ratio": round(float(total_target[gi] / sched.total), 6),
+            "realised_ratio": round(float(index.counts[-1, gi] / sched.total), 6),
+            "target_count": round(float(total_target[gi]), 6), "count": int(index.counts[-1, gi]),
+            "worst_shard_deviation": round(float(dev[:, gi].max()), 6), "sources": srcs}
+    phases = []
+    for p, (ratios, start) in enumerate(zip(plan.phase_ratios, sched.starts.tolist(), strict=True)):
+        end = start + plan.phase_lengths[p]
+        realised = index.counts_at(end) - index.counts_at(start)
+        phases.append({"start": start, "end": end, "target_ratios": _ratios(np.array(ratios), groups),
+                       "realised_ratios": _ratios(realised, groups)})
+    return {
+        **info,
+        "stage": plan.name, "seed": plan.seed, "samples": sched.total,
+        "shuffle_window": plan.window, "groups": out_groups, "phases": phases,
+        "target_ratios": _ratios(total_target, groups),
+        "realised_ratios": _ratios(index.counts[-1], groups),
+        "worst_shard": {"name": written["names"][worst], "max_deviation": round(float(dev[worst].max()), 6),
+                        "target_counts": [round(float(t), 6) for t in shard_targets[worst]],
+                        "counts": written["shard_counts"][worst].tolist(),
+                        "realised_ratios": _ratios(written["shard_counts"][worst], groups)},
+        "caption_first_sentence": {"truncated": int(written["caption_cut"])},
+        "source_manifests": {s: sources[s].manifest_sha256 for gp in plan.groups for s in gp.sources},
+        "shards": [{"name": n, "samples": int(c.sum()), "counts": dict(zip(groups, c.tolist(), strict=True))}
+                   for n, c in zip(written["names"], written["shard_counts"], strict=True)],
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def finalize_manifest(stage_dir: Path, manifest: dict, extra: dict | None = None) -> Path:
+    """Add each shard's bytes and sha256 (after any precompute rewrote them) and write manifest.json atomically."""
+    for shard in manifest["shards"]:
+        path = stage_dir / shard["name"]
+        shard["bytes"] = path.stat().st_size
+        shard["sha256"] = _sha256(path)
+    manifest.update(extra or {})
+    target = stage_dir / MANIFEST_NAME
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+ShardHook = Callable[[Path, list[str]], dict]
+"""Optional step over a stage's written shards (the VQ/VAE precompute); returns what the manifest records."""
