@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ STAGING_SCHEMA = pa.schema(
 SMALL_COLUMNS = [f.name for f in STAGING_SCHEMA if f.name not in ("image", "text", "meta")]
 """What global dedup and shard planning read back (no payload)."""
 _DETAIL_MAX = 300
+_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class InjectedFailure(RuntimeError):
@@ -112,7 +114,8 @@ def prepare_record(rec: RawRecord, src: SourceConfig, image_cfg: ImageConfig, un
         row["image_ext"] = ext
         return Candidate(row, fields, rgb, stored)
     except Rejected as rej:
-        row.update(reason=rej.reason, detail=rej.detail[:_DETAIL_MAX])
+        # object addresses in exception texts would make the ledger differ between identical runs
+        row.update(reason=rej.reason, detail=_ADDRESS_RE.sub("", rej.detail)[:_DETAIL_MAX])
         return row
 
 

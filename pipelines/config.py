@@ -59,6 +59,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(parent, cfg)
 
 
+def _open_dict_fields(node: DictConfig) -> None:
+    """Fields typed ``dict[str, X]`` take any key (stages, groups by name); their values stay typed and strict."""
+    if node._metadata.object_type is dict:
+        OmegaConf.set_struct(node, False)
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _open_dict_fields(child)
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a ``schema`` instance from defaults, an optional YAML file and dotted overrides.
 
@@ -68,6 +78,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         raise TypeError(f"{schema!r} is not a dataclass")
     merged = OmegaConf.structured(schema)
     OmegaConf.set_struct(merged, True)
+    _open_dict_fields(merged)
     if path is not None:
         file_cfg = _read_yaml(Path(path))
         try:
