@@ -15,6 +15,7 @@ from types import ModuleType
 JOBS: dict[str, str] = {
     "toyworld": "pipelines.toyworld",
     "demo": "pipelines.demo",
+    "mix": "pipelines.mix",
 }
 """Job name -> module. Add a job here when its module lands."""
 
