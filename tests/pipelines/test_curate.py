@@ -54,6 +54,10 @@ def source_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for n in ORDER for p in sorted((out / n).rglob("*")) if p.is_file()}
 
 
+def ledger(folder: Path) -> dict[str, dict]:
+    return {r["source_key"]: r for r in pq.read_table(folder / "rejects" / "rejects.parquet").to_pylist()}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("world"))
@@ -86,9 +90,9 @@ def test_accounting_and_every_reason(run_a):
 
 def test_dedup_across_sources_with_resized_real_photo(run_a):
     astro = make_key("photos", "astro")
-    rej = {r["source_key"]: r for r in pq.read_table(run_a / "out" / "captions" / "rejects" / "rejects.parquet").to_pylist()}
+    rej = ledger(run_a / "out" / "captions")
     assert (rej["astro_copy"]["reason"], rej["astro_copy"]["duplicate_of"]) == ("duplicate_near", astro)
-    rej = {r["source_key"]: r for r in pq.read_table(run_a / "out" / "folder" / "rejects" / "rejects.parquet").to_pylist()}
+    rej = ledger(run_a / "out" / "folder")
     assert (rej["astro"]["reason"], rej["astro"]["duplicate_of"]) == ("duplicate_exact", astro)
 
 
