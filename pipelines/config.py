@@ -104,6 +104,20 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         raise ConfigError(f"{path or 'config'}: {exc}") from exc
 
 
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain containers (what crosses a process boundary, e.g. to Ray workers)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def config_from_dict(schema: type[T], data: dict[str, Any]) -> T:
+    """Rebuild (and re-validate) a config from :func:`to_dict` output."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config: {_describe(exc)}") from exc
+
+
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML text (stable key order: the schema's)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

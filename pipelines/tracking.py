@@ -267,13 +267,19 @@ def build_tracker(
 
 
 @contextlib.contextmanager
-def pipeline_run(cfg: TrackingConfig, name: str, tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
-    """The parent run of one pipeline invocation; jobs started inside it nest under it."""
+def pipeline_run(
+    cfg: TrackingConfig, name: str, tags: Mapping[str, str] | None = None, run_key: str | None = None
+) -> Iterator[Tracker]:
+    """The parent run of one pipeline invocation; jobs started inside it nest under it.
+
+    With ``run_key`` a rerun (e.g. a resumed training job) continues the same parent run.
+    """
     if cfg.backend != "mlflow":
         yield NoopTracker()
         return
     outer = cfg.parent_run_id or os.environ.get(PARENT_ENV)
-    tracker = MlflowTracker(cfg, name, parent_run_id=outer, tags={"janus.kind": "pipeline", **(tags or {})})
+    tags = {"janus.kind": "pipeline", **(tags or {})}
+    tracker = MlflowTracker(cfg, name, parent_run_id=outer, run_key=run_key, tags=tags)
     previous = os.environ.get(PARENT_ENV)
     os.environ[PARENT_ENV] = tracker.run_id or ""
     try:

@@ -1,0 +1,173 @@
+"""Three-stage training with Ray Train + FSDP2: ``python -m pipelines.train --config configs/train/X.yaml``.
+
+The same command works locally (a local Ray instance, CPU workers, gloo), against a cluster (RAY_ADDRESS),
+and through ``ray job submit --working-dir . -- python -m pipelines.train ...``. Each stage is one Ray Train
+run named ``{name}-stage_{S}`` under ``checkpoint.dir``: running the command again with the same name
+resumes the unfinished stage from its last checkpoint and skips finished ones. Stage N+1 starts from
+stage N's final weights with its own freeze schedule and a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipelines.config import parse_job_args, save_resolved, to_dict
+from pipelines.tracking import pipeline_run, resolve_uri
+from pipelines.train_config import STAGE_NAMES, TrainConfig
+from pipelines.train_loop import DONE_FILE, train_loop_per_worker
+
+CONFIG = TrainConfig
+
+
+def stage_shard_paths(cfg: TrainConfig, stage: str) -> list[Path]:
+    folder = Path(cfg.stage[stage].shards or f"stage_{stage}")
+    if not folder.is_absolute():
+        folder = Path(cfg.data_root) / folder
+    tars = sorted(folder.glob("*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"stage {stage}: no .tar shards in {folder.resolve()} (stage.{stage}.shards)")
+    return [t.resolve() for t in tars]
+
+
+def count_samples(tars: Sequence[Path]) -> int:
+    """Samples in the stage: the stage manifest's count when present, else the keys in the tars."""
+    manifest = tars[0].parent / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        for key in ("samples", "num_samples", "total_samples"):
+            if isinstance(data.get(key), int):
+                return data[key]
+    total = 0
+    for tar in tars:
+        with tarfile.open(tar) as f:
+            total += len({m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in f if m.isfile()})
+    return total
+
+
+def build_stage_dataset(tars: Sequence[Path]):
+    """The stage shards as a Ray Dataset of raw webdataset columns (bytes; decoded in the workers)."""
+    import ray.data
+
+    return ray.data.read_webdataset([str(t) for t in tars], decoder=None, override_num_blocks=len(tars))
+
+
+def stage_dir(cfg: TrainConfig, stage: str) -> Path:
+    return Path(cfg.checkpoint.dir).resolve() / f"{cfg.name}-stage_{stage}"
+
+
+def initial_weights(cfg: TrainConfig, stage: str) -> Path | None:
+    """Where a stage starts: the previous stage's final weights, or model.path / random for stage I."""
+    idx = STAGE_NAMES.index(stage)
+    if idx == 0:
+        return None
+    previous = stage_dir(cfg, STAGE_NAMES[idx - 1]) / "final"
+    if (previous / DONE_FILE).is_file():
+        return previous
+    if cfg.model.path:
+        return None  # starts from the given checkpoint
+    raise FileNotFoundError(
+        f"stage {stage} starts from stage {STAGE_NAMES[idx - 1]}'s final weights, but {previous} is not "
+        f"complete: run that stage first (same name={cfg.name!r}) or set model.path"
+    )
+
+
+def run_stage(cfg: TrainConfig, stage: str) -> Path:
+    """Train one stage to its end (resuming if it was interrupted); returns its final weights folder."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    final = stage_dir(cfg, stage) / "final"
+    if (final / DONE_FILE).is_file():
+        print(f"train: stage {stage} already finished ({final}); skipping")
+        return final
+    init = initial_weights(cfg, stage)
+    tars = stage_shard_paths(cfg, stage)
+    n = count_samples(tars)
+    workers = cfg.scaling.num_workers
+    loop = {
+        "cfg": to_dict(cfg),
+        "stage": stage,
+        "init_weights": str(init) if init else None,
+        "samples_per_rank": n // workers,
+        "stage_dir": str(stage_dir(cfg, stage)),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-stage_{stage}",
+            storage_path=str(Path(cfg.checkpoint.dir).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+        ),
+        datasets={"train": build_stage_dataset(tars)},
+        # Deterministic order and split: a resumed worker skips exactly the rows it had consumed.
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    print(f"train: stage {stage}: {n} samples in {len(tars)} shards, {workers} workers, from {init or 'scratch'}")
+    trainer.fit()
+    if not (final / DONE_FILE).is_file():
+        raise RuntimeError(f"stage {stage} ended without writing its final weights to {final}")
+    return final
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """Workers run elsewhere: a relative sqlite path must become absolute before it crosses over."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def _ensure_ray() -> bool:
+    """Connect to RAY_ADDRESS / the job's cluster, or start a local instance; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    return True
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Path]:
+    cfg.tracking.uri = _absolute_sqlite(resolve_uri(cfg.tracking))
+    out = {}
+    started = _ensure_ray()
+    try:
+        with pipeline_run(cfg.tracking, f"train-{cfg.name}", run_key=f"train/{cfg.name}") as parent:
+            cfg.tracking.parent_run_id = parent.run_id
+            save_resolved(cfg, Path(cfg.checkpoint.dir) / cfg.name)
+            for stage in cfg.stages:
+                start = time.perf_counter()
+                out[stage] = run_stage(cfg, stage)
+                parent.log_metrics({f"time_s/stage_{stage}": time.perf_counter() - start})
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_job_args(TrainConfig, argv, prog="python -m pipelines.train", doc=__doc__ or "")
+    finals = run_training(cfg)
+    for stage, path in finals.items():
+        print(f"train: stage {stage} weights -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

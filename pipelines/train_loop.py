@@ -1,0 +1,298 @@
+"""What every Ray Train worker runs for one stage. Knows nothing of ray.init, the cluster or argv.
+
+Per stage: build the model (random, from a checkpoint path, or from the previous stage's weights), apply
+the stage's freeze schedule, shard it with FSDP2 (the task wrapper is the FSDP root so every parameter is
+gathered inside its forward), train with AdamW + warm-up, report sharded checkpoints, and at the end write
+the full weights that the next stage starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data_prep.schema import Sample, decode_sample
+from model.build import build_collate, build_model, build_task, decoder_blocks, resolve_family
+from model.flavors import get_flavor
+from model.freeze import apply_freeze
+from pipelines.checkpoint import TrainState, full_model_state_dict, load_checkpoint, save_checkpoint
+from pipelines.config import config_from_dict
+from pipelines.parallelize import apply_parallelism, build_device_mesh
+from pipelines.tracking import Tracker, build_tracker
+from pipelines.train_config import StageConfig, TrainConfig, stage_index
+
+WEIGHTS_FILE = "model.safetensors"
+DONE_FILE = "stage_done.json"
+
+
+def lr_lambda(stage: StageConfig) -> Callable[[int], float]:
+    """Multiplier of the peak LR at optimizer step ``s``: linear warm-up, then constant or cosine."""
+
+    def f(step: int) -> float:
+        if stage.warmup_steps and step < stage.warmup_steps:
+            return (step + 1) / stage.warmup_steps
+        if stage.schedule == "constant":
+            return 1.0
+        progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * cosine
+
+    return f
+
+
+def rows_to_samples(batch: dict[str, np.ndarray]) -> list[Sample]:
+    """A Ray Data batch of raw webdataset columns -> schema Samples (missing fields are None/NaN)."""
+    keys = list(batch)
+    n = len(batch[keys[0]])
+    out = []
+    for i in range(n):
+        record = {k: batch[k][i] for k in keys if isinstance(batch[k][i], bytes | str)}
+        out.append(decode_sample(record))
+    return out
+
+
+def iterate_samples(shard: Any, micro: int, skip: int, per_rank: int) -> Iterator[list[Sample]]:
+    """Micro-batches of Samples from this worker's stream, skipping the ``skip`` already consumed.
+
+    The stream is deterministic (the trainer preserves order), so skipping rows gives exactly the data an
+    uninterrupted run would see next. Past the end of the stage's data the stream starts a new epoch.
+    """
+    per_rank = max(micro, per_rank - per_rank % micro)
+    to_skip = (skip % per_rank) // micro
+    while True:
+        produced = 0
+        for i, batch in enumerate(shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True)):
+            if i < to_skip:
+                continue  # raw bytes only: nothing is decoded for skipped rows
+            produced += 1
+            yield rows_to_samples(batch)
+        if produced == 0 and to_skip == 0:
+            raise RuntimeError("the stage's data stream is empty for this worker")
+        to_skip = 0
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Average each metric over the micro-batches, then over ranks (a key counts where it is present)."""
+    local: dict[str, list[float]] = {}
+    for m in metrics:
+        for k, v in m.items():
+            local.setdefault(k, []).append(v)
+    rank_means = {k: (sum(v) / len(v), len(v)) for k, v in local.items()}
+    _, world = _dist_info()
+    gathered = [rank_means]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rank_means)
+    out: dict[str, float] = {}
+    for key in sorted({k for g in gathered for k in g}):
+        vals = [g[key] for g in gathered if key in g]
+        out[key] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
+    return out
+
+
+def build_stage_model(cfg: TrainConfig, stage: str, init_weights: str | None, device: torch.device):
+    """Model + task for a stage, frozen by the stage's schedule; same init on every rank."""
+    flavor = get_flavor(cfg.model.flavor)
+    family = resolve_family(flavor, cfg.model.family)
+    torch.manual_seed(cfg.seed)
+    model = build_model(flavor, family, path=None if init_weights else cfg.model.path)
+    if init_weights:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(init_weights) / WEIGHTS_FILE)), strict=True)
+    counts = apply_freeze(model, family, stage_index(stage))
+    torch.manual_seed(cfg.seed + 7919 * stage_index(stage))  # the VAE (JanusFlow debug) is seeded apart
+    task = build_task(model, flavor, cfg.model)
+    vae = getattr(task, "vae", [None])[0]
+    if vae is not None:
+        vae.to(device).eval().requires_grad_(False)
+    return flavor, family, model, task, counts
+
+
+def _save_weights(task: nn.Module, model: nn.Module, out_dir: Path, info: dict[str, Any]) -> None:
+    """Collective: the stage's final full weights (rank 0 writes, atomically) for the next stage."""
+    from safetensors.torch import save_file
+
+    full = full_model_state_dict(task)
+    rank, _ = _dist_info()
+    if rank != 0:
+        return
+    prefix = "model."
+    weights = {k[len(prefix) :]: v.contiguous() for k, v in full.items() if k.startswith(prefix)}
+    seen: dict[int, str] = {}
+    for k, v in list(weights.items()):  # tied weights arrive as one tensor twice; safetensors wants copies
+        if v.data_ptr() in seen:
+            weights[k] = v.clone()
+        seen.setdefault(v.data_ptr(), k)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(tmp / WEIGHTS_FILE))
+    (tmp / DONE_FILE).write_text(json.dumps(info, indent=1))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+class StageRunner:
+    """One stage's training state inside a worker (built once, stepped many times)."""
+
+    def __init__(self, cfg: TrainConfig, stage: str, loop: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.cfg, self.stage, self.scfg = cfg, stage, cfg.stage[stage]
+        self.rank, self.world = _dist_info()
+        self.device = ray.train.torch.get_device()
+        self.micro, self.accum = self.scfg.accumulation(self.world)
+        self.flavor, self.family, self.model, self.task, counts = build_stage_model(
+            cfg, stage, loop.get("init_weights"), self.device
+        )
+        self.trainable = counts["_all"]["trainable"]
+        mesh = build_device_mesh(self.device.type, self.world, cfg.parallel.replicate) if self.world > 1 else None
+        apply_parallelism(self.task, decoder_blocks(self.model), cfg.parallel, mesh)
+        if mesh is None:
+            self.task.to(self.device)
+        params = [p for p in self.task.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=self.scfg.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.scfg))
+        self.state = TrainState()
+        torch.manual_seed(cfg.seed + 1_000_003 * (self.rank + 1) + stage_index(stage))
+        random.seed(cfg.seed + self.rank)
+        np.random.seed((cfg.seed + self.rank) % 2**32)
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as path:
+                self.state = load_checkpoint(path, self.task, self.optimizer, self.scheduler)
+        self.collate = build_collate(self.flavor, cfg.model, seed=cfg.seed)
+        self.per_rank = int(loop["samples_per_rank"])
+        self.out_dir = Path(loop["stage_dir"])
+
+    def tracker(self) -> Tracker:
+        jsonl = self.out_dir / "logs" / f"rank{self.rank}.jsonl"
+        tags = {"janus.stage": self.stage, "janus.family": self.family, "janus.flavor": self.flavor.name}
+        return build_tracker(
+            self.cfg.tracking,
+            f"stage_{self.stage}",
+            rank=self.rank,
+            jsonl_path=jsonl,
+            run_key=f"{self.cfg.name}/stage_{self.stage}",
+            tags=tags,
+        )
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def step(self, batches: Iterator[list[Sample]]) -> dict[str, float]:
+        """One optimizer step over ``accum`` micro-batches; returns this rank's raw metrics."""
+        t0 = time.perf_counter()
+        wait, metrics, tokens = 0.0, [], 0
+        for _ in range(self.accum):
+            w0 = time.perf_counter()
+            samples = next(batches)
+            batch = self._to_device(self.collate(samples))
+            wait += time.perf_counter() - w0
+            loss, m = self.task(batch)
+            (loss / self.accum).backward()
+            metrics.append(m)
+            tokens += int(batch["attention_mask"].sum())
+        params = [p for p in self.task.parameters() if p.requires_grad]
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.samples_seen += self.micro * self.accum
+        out = _mean_metrics(metrics)
+        out.update({"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]})
+        out.update({"_tokens": float(tokens), "_data_wait_s": wait, "_step_s": time.perf_counter() - t0})
+        return out
+
+    def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
+        """``ray.train.report`` from every rank; with a checkpoint, each rank hands over its own files."""
+        import ray.train
+
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="janus-ckpt-") as tmp:
+            save_checkpoint(tmp, self.task, self.optimizer, self.scheduler, self.state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _throughput(raw: dict[str, float], world: int, global_batch: int) -> dict[str, float]:
+    step_s = raw.pop("_step_s")
+    tokens = raw.pop("_tokens") * world  # every rank runs the same number of micro-batches
+    raw.update(
+        {
+            "step_time_s": step_s,
+            "data_wait_s": raw.pop("_data_wait_s"),
+            "samples_per_s": global_batch / step_s,
+            "tokens_per_s": tokens / step_s,
+        }
+    )
+    return raw
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Ray Train entry point: ``loop`` = {"cfg": resolved TrainConfig dict, "stage", "init_weights",
+    "samples_per_rank", "stage_dir"}."""
+    import ray.train
+
+    cfg = config_from_dict(TrainConfig, loop["cfg"])
+    stage = loop["stage"]
+    runner = StageRunner(cfg, stage, loop)
+    scfg = runner.scfg
+    shard = ray.train.get_dataset_shard("train")
+    batches = iterate_samples(shard, runner.micro, runner.state.samples_seen, runner.per_rank)
+    with runner.tracker() as tracker:
+        if runner.state.step == 0:
+            tracker.log_params(
+                {
+                    "stage": stage,
+                    "trainable_params": runner.trainable,
+                    "world_size": runner.world,
+                    "micro_batch": runner.micro,
+                    "accumulation": runner.accum,
+                    **{f"stage.{k}": v for k, v in vars(scfg).items()},
+                }
+            )
+        while runner.state.step < scfg.steps:
+            raw = runner.step(batches)
+            step = runner.state.step
+            metrics = _throughput(raw, runner.world, scfg.global_batch)
+            if step % cfg.log_every == 0 or step == scfg.steps:
+                tracker.log_metrics(metrics, step=step)
+            last = step == scfg.steps
+            if last or step % cfg.checkpoint.every_steps == 0:
+                runner.report({"step": step, "loss": metrics["loss"]}, checkpoint=True)
+        info = {"stage": stage, "steps": runner.state.step, "family": runner.family, "flavor": runner.flavor.name}
+        _save_weights(runner.task, runner.model, runner.out_dir / "final", info)
+        tracker.log_metrics({"stage_done": 1.0}, step=runner.state.step)
