@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
+from data_prep.shards import read_samples
 from pipelines.config import ConfigError, load_config
 from pipelines.mix import MixConfig, main
+from tests.data_prep.curate_fixtures import ray_local  # noqa: F401 - session fixture
 from tests.data_prep.mix_fixtures import write_toy_curated
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
@@ -112,3 +115,20 @@ def test_recipe_keys_are_strict(tmp_path: Path) -> None:
         load_config(MixConfig, path, ["stages.stage1.groups.images.ratio=1"])
     with pytest.raises(ConfigError, match="only"):
         load_config(MixConfig, path, ["only=[stage9]"])
+
+
+@pytest.mark.ray
+def test_job_precomputes_latents(ray_local: None, curated: Path, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "stages"
+    main(["--config", str(CONFIGS / "mix_toy_janusflow_pretrain.yaml"), f"curated_dir={curated}", f"out_dir={out}",
+          "tracking.backend=none", "stages.pretrain.steps=4", "precompute.kind=vae", "precompute.resolution=32"])
+    stage = out / "toy_janusflow_pretrain" / "pretrain"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    n_gen = manifest["groups"]["generation"]["count"]
+    assert n_gen == 102  # 0.8 x 128, rounded down (within one of 102.4)
+    assert manifest["precompute"]["field"] == "latent.npy" and manifest["precompute"]["encoded"] == n_gen
+    samples = [s for t in sorted(stage.glob("*.tar")) for s in read_samples(t)]
+    assert sum(s.latent is not None for s in samples) == n_gen  # every generation sample, nothing else
+    assert all((s.latent is not None) == (s.meta.task == "t2i") for s in samples)
+    for shard in manifest["shards"]:  # hashes are of the final (precomputed) bytes
+        assert hashlib.sha256((stage / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
