@@ -68,11 +68,14 @@ def find_duplicates(
     content_hashes: Sequence[str | None],
     phashes: Sequence[int | None],
     cfg: DedupConfig,
+    participates: Sequence[bool] | None = None,
 ) -> list[tuple[str, str] | None]:
     """Candidates in job order -> per candidate None (kept) or (reason, key of the kept copy).
 
     Samples with a pHash are images; samples without one are text-only (their content hash is a text hash).
     Reasons: duplicate_key (same key twice in a source), duplicate_exact, duplicate_near, duplicate_text.
+    Samples whose ``participates`` flag is False (sources with ``dedup: false``) are neither dropped as
+    copies nor kept as representatives; only duplicate keys apply to them.
     """
     out: list[tuple[str, str] | None] = [None] * len(keys)
     seen_key: set[str] = set()
@@ -84,6 +87,8 @@ def find_duplicates(
             out[i] = ("duplicate_key", key)
             continue
         seen_key.add(key)
+        if participates is not None and not participates[i]:
+            continue
         if ph is None:
             if cfg.text and chash is not None and chash in seen_text:
                 out[i] = ("duplicate_text", keys[seen_text[chash]])

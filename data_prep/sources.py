@@ -54,6 +54,8 @@ class SourceConfig:
     """Score name -> column, used when the column is present (LAION metadata names by default)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Filters for this source (DataComp/LAION-style defaults)."""
+    dedup: bool = True
+    """Take part in global dedup; off for synthetic sources whose distinct samples legitimately look alike."""
     unit_size: int = 256
     """Samples per work unit for jsonl lines and image-folder files (a unit is one Ray task)."""
 

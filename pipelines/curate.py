@@ -187,6 +187,16 @@ class ScoringUnitRunner:
         return _run_units(batch, self.ctx, self.scorers)
 
 
+def configure_ray_data(progress: bool) -> None:
+    """Progress bars on request; no per-operator resource reservation: our plans are one map each, and the
+    reservation would hold back half the CPUs of a small machine (1 task at a time on 2 cores)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.op_resource_reservation_enabled = False
+
+
 def process_all_units(cfg: CurateConfig, units: list[Unit], work: Path) -> list[dict[str, Any]]:
     """Stage every unit not staged yet (Ray Data); return the summaries of all units."""
     import ray
@@ -198,7 +208,7 @@ def process_all_units(cfg: CurateConfig, units: list[Unit], work: Path) -> list[
         if not staging_path(str(work), u.source, u.index).exists()
     ]
     if pending:
-        ray.data.DataContext.get_current().enable_progress_bars = cfg.exec.progress
+        configure_ray_data(cfg.exec.progress)
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         if cfg.scorers:
             gpus = sum(s.num_gpus for s in cfg.scorers)
@@ -234,8 +244,9 @@ def decide(small: pa.Table, cfg: CurateConfig) -> tuple[list[dict[str, Any]], di
     """Global dedup. Returns the rows of every kept sample and, per source, its reject ledger rows."""
     rows = small.to_pylist()
     cands = [r for r in rows if r["reason"] is None]
+    joins = {s.name: s.dedup for s in cfg.sources}
     dups = find_duplicates([r["key"] for r in cands], [r["content_hash"] for r in cands],
-                           [r["phash"] for r in cands], cfg.dedup)
+                           [r["phash"] for r in cands], cfg.dedup, [joins[r["source"]] for r in cands])
     for r, dup in zip(cands, dups, strict=True):
         r["duplicate"] = dup
     rejects: dict[str, list[dict]] = {s.name: [] for s in cfg.sources}
@@ -278,6 +289,7 @@ def write_all_shards(cfg: CurateConfig, specs: list[dict[str, Any]], work: Path)
 
     if not specs:
         return []
+    configure_ray_data(cfg.exec.progress)
     ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs))
     ds = ds.map_batches(write_shards_batch, batch_size=1, num_cpus=1,
                         fn_kwargs={"work": str(work), "out": cfg.out_dir})
@@ -349,10 +361,10 @@ def log_run(cfg: CurateConfig, results: list[dict[str, Any]], wall_s: float) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_job_args(CurateConfig, argv, "python -m pipelines.curate", __doc__ or "")
     save_resolved(cfg, Path(cfg.out_dir) / LOG_DIR)
-    start = time.perf_counter()
     with ray_session(cfg.exec.num_cpus):
+        start = time.perf_counter()  # after Ray start-up: a cluster is already up
         results = run_curation(cfg)
-    wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
     print(summary_table(results, wall), file=sys.stderr)
     log_run(cfg, results, wall)
     return 0

@@ -39,6 +39,8 @@ def test_find_duplicates_first_in_job_order_wins():
     ]
     off = find_duplicates(keys, chash, phash, DedupConfig(exact=False, near=False, text=False))
     assert off == [None, None, None, None, ("duplicate_key", "a-1"), None, None]
+    opted_out = find_duplicates(keys, chash, phash, DedupConfig(), [True, False, False, True, True, True, False])
+    assert opted_out == [None, None, None, None, ("duplicate_key", "a-1"), None, None]
 
 
 def test_dedup_config_validation():
