@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from data_prep.imaging import (  # noqa: E402
+from data_prep.imaging import (
     ImageConfig,
     content_hash,
     decode_image,
@@ -31,12 +31,12 @@ from data_prep.imaging import (  # noqa: E402
     phash64,
     phash_hex,
 )
-from data_prep.schema import Sample, SampleMeta, encode_sample, image_sha256, make_key  # noqa: E402
-from data_prep.shards import TarShardWriter, shard_name  # noqa: E402
-from data_prep.sources import SourceConfig  # noqa: E402
-from data_prep.writer import ShardConfig  # noqa: E402
-from pipelines.curate import CurateConfig, ExecConfig, run_curation  # noqa: E402
-from pipelines.tracking import TrackingConfig  # noqa: E402
+from data_prep.schema import Sample, SampleMeta, encode_sample, image_sha256, make_key
+from data_prep.shards import TarShardWriter, shard_name
+from data_prep.sources import SourceConfig
+from data_prep.writer import ShardConfig
+from pipelines.curate import CurateConfig, ExecConfig, run_curation
+from pipelines.tracking import TrackingConfig
 
 SHARD_SAMPLES = 200
 
