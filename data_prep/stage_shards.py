@@ -23,6 +23,8 @@ from data_prep.mixture import MANIFEST_NAME, SourceEntry, StagePlan
 from data_prep.schema import GENERATION_TASKS, KEY_FIELD, decode_sample, encode_sample
 from data_prep.shards import TarShardWriter, shard_name
 
+MAX_OPEN_FILES = 64
+"""Source tars a reader keeps open at once."""
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -50,6 +52,8 @@ class SourceReader:
         path = entry.shards[shard]
         fh = self._files.get(path)
         if fh is None:
+            if len(self._files) >= MAX_OPEN_FILES:  # oldest first (dicts keep insertion order)
+                self._files.pop(next(iter(self._files))).close()
             fh = self._files[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
         out: dict[str, Any] = {KEY_FIELD: entry.keys[index]}
         for ext, offset, size in members:
@@ -65,8 +69,9 @@ class SourceReader:
 
 def mix_record(
     record: dict[str, Any], *, task: str, epoch: int, seed: int, caption_fraction: float
-) -> tuple[dict[str, Any], bool]:
-    """A curated record as it goes into a stage shard; also whether its prompt was cut to one sentence."""
+) -> tuple[dict[str, Any], bool, bool]:
+    """A curated record as it goes into a stage shard; also whether its prompt was chosen for the
+    first-sentence treatment and whether that changed it."""
     sample = decode_sample(record)
     key = sample.key
     if task != sample.meta.task:
@@ -75,12 +80,13 @@ def mix_record(
     if epoch:
         key = f"{key}-r{epoch}"
     sample.key = key
+    chosen = bool(task in GENERATION_TASKS and sample.text and truncation_chosen(seed, key, caption_fraction))
     cut = False
-    if task in GENERATION_TASKS and sample.text and truncation_chosen(seed, key, caption_fraction):
+    if chosen and sample.text:
         short = first_sentence(sample.text)
         cut = short != sample.text
         sample.text = short
-    return encode_sample(sample), cut
+    return encode_sample(sample), chosen, cut
 
 
 def write_stage_shards(plan: StagePlan, reader: SourceReader, out_dir: Path, caption_fraction: float) -> dict:
@@ -94,7 +100,7 @@ def write_stage_shards(plan: StagePlan, reader: SourceReader, out_dir: Path, cap
     shard_counts = np.zeros((plan.num_shards, num_groups), dtype=np.int64)
     source_counts = [np.zeros(len(g.sources), dtype=np.int64) for g in plan.groups]
     used = [[set() for _ in g.sources] for g in plan.groups]
-    cut = 0
+    cut = chosen = 0
     for s, name in enumerate(names):
         slots = plan.shard_slots(s)
         with TarShardWriter(out_dir / name) as writer:
@@ -102,15 +108,17 @@ def write_stage_shards(plan: StagePlan, reader: SourceReader, out_dir: Path, cap
                                           strict=True):
                 gp = plan.groups[g]
                 record = reader.record(gp.sources[src], idx)
-                mixed, was_cut = mix_record(record, task=gp.use_as[src], epoch=epoch, seed=plan.seed,
+                mixed, was_chosen, was_cut = mix_record(record, task=gp.use_as[src], epoch=epoch, seed=plan.seed,
                                             caption_fraction=caption_fraction)
                 writer.write(mixed)
                 cut += was_cut
+                chosen += was_chosen
                 source_counts[g][src] += 1
                 used[g][src].add(idx)
         shard_counts[s] = np.bincount(slots["group"], minlength=num_groups)
     return {"names": names, "shard_counts": shard_counts, "source_counts": source_counts,
-            "distinct": [[len(u) for u in us] for us in used], "caption_cut": cut}
+            "distinct": [[len(u) for u in us] for us in used], "caption_cut": cut,
+            "caption_chosen": chosen}
 
 
 def _ratios(counts: np.ndarray, groups: list[str]) -> dict[str, float]:
@@ -158,7 +166,8 @@ def build_manifest(plan: StagePlan, written: dict, sources: dict[str, SourceEntr
                         "target_counts": [round(float(t), 6) for t in shard_targets[worst]],
                         "counts": written["shard_counts"][worst].tolist(),
                         "realised_ratios": _ratios(written["shard_counts"][worst], groups)},
-        "caption_first_sentence": {"truncated": int(written["caption_cut"])},
+        "caption_first_sentence": {"chosen": int(written["caption_chosen"]),
+                                   "truncated": int(written["caption_cut"])},
         "source_manifests": {s: sources[s].manifest_sha256 for gp in plan.groups for s in gp.sources},
         "shards": [{"name": n, "samples": int(c.sum()), "counts": dict(zip(groups, c.tolist(), strict=True))}
                    for n, c in zip(written["names"], written["shard_counts"], strict=True)],

@@ -136,6 +136,13 @@ def run(cfg: MixConfig) -> dict[str, dict]:
     manifests: dict[str, dict] = {}
     tracker = build_tracker(cfg.tracking, "mix", jsonl_path=out_root / "mix.jsonl",
                             tags={"janus.kind": "mix", "janus.recipe": cfg.recipe})
+    ray_started = False
+    if cfg.precompute.kind != "none":  # one local Ray for every stage's actor pool (unless connected already)
+        import ray
+
+        ray_started = not ray.is_initialized()
+        if ray_started:
+            ray.init(include_dashboard=False, log_to_driver=False)
     with tracker:
         tracker.log_params({"recipe": cfg.recipe, "config_hash": chash, "seed": cfg.seed,
                             "samples_per_shard": cfg.samples_per_shard, "shuffle_window": cfg.shuffle_window})
@@ -146,6 +153,10 @@ def run(cfg: MixConfig) -> dict[str, dict]:
                 log_stage(tracker, name, manifests[name])
         finally:
             reader.close()
+            if ray_started:
+                import ray
+
+                ray.shutdown()
     return manifests
 
 

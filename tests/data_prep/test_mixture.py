@@ -160,6 +160,7 @@ def test_caption_first_sentence(curated: Path, tmp_path: Path) -> None:
     texts = [s["txt"].decode() for s in gen]
     cut = [t for t in texts if t.count(".") == 1]
     assert len(cut) == manifest["caption_first_sentence"]["truncated"]
+    assert manifest["caption_first_sentence"]["chosen"] == len(cut)  # every fixture prompt has two sentences
     assert 0.15 < len(cut) / len(gen) < 0.35
     assert all(t == first_sentence(t) for t in cut)
     und = [s["txt"].decode() for s in read_stream(tmp_path) if json.loads(s["json"])["task"] == "caption"]
@@ -194,3 +195,18 @@ def test_config_errors(curated: Path) -> None:
                          window=1, mix_seed=0)
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         load_source("missing", curated / "missing")
+
+
+def test_sources_exact_at_every_window_boundary(curated: Path, tmp_path: Path) -> None:
+    """Window shuffling moves draws only inside windows of a group's draws: at every window boundary each
+    source's count is within one of its share (groups stay exact at every prefix, tested above)."""
+    window = 16
+    write(curated, tmp_path, stage(600), window=window)
+    gen = [json.loads(s["json"]) for s in read_stream(tmp_path)]
+    gen = [m for m in gen if m["task"] in GENERATION_TASKS]
+    is_shapes = np.array([m["source"] == "shapes" for m in gen])
+    assert len(gen) == 240
+    prefix = np.concatenate([[0], np.cumsum(is_shapes)])
+    for k in range(0, 241, window):
+        assert abs(prefix[k] - k / 2) < 1
+    assert any(abs(prefix[k] - k / 2) >= 1 for k in range(241))  # inside windows the order is shuffled
