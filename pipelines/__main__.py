@@ -16,6 +16,7 @@ JOBS: dict[str, str] = {
     "toyworld": "pipelines.toyworld",
     "demo": "pipelines.demo",
     "mix": "pipelines.mix",
+    "curate": "pipelines.curate",
 }
 """Job name -> module. Add a job here when its module lands."""
 

@@ -111,6 +111,10 @@ class CurateConfig:
             raise ValueError("sources.name must not start with '_' (reserved for _work and _logs)")
 
 
+CONFIG = CurateConfig
+"""The job's config schema (pipelines.__main__ and the recipe tests look for it)."""
+
+
 class AccountingError(RuntimeError):
     """A source whose inputs do not equal kept + rejected."""
 
