@@ -1,0 +1,42 @@
+"""The shipped toy recipe curates a (small) toy world: every source kept, read back as the mixer will."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_prep.toyworld import SplitSizes, ToyWorldConfig, build_toyworld
+from pipelines.config import load_config
+from pipelines.curate import CurateConfig, run_curation
+from tests.data_prep.curate_fixtures import ray_local  # noqa: F401
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "data" / "curate_toyworld.yaml"
+
+
+@pytest.mark.ray
+def test_toy_recipe_curates_toy_world(tmp_path, ray_local):  # noqa: F811
+    world = build_toyworld(
+        ToyWorldConfig(
+            out_dir=str(tmp_path / "toyworld"),
+            digits_max=60,
+            shapes=SplitSizes(train=24, eval=4),
+            charts_docs=SplitSizes(train=12, eval=4),
+            photos=SplitSizes(train=10, eval=4),
+            text=SplitSizes(train=20, eval=4),
+        ),
+        log=lambda _: None,
+    )
+    cfg = load_config(CurateConfig, RECIPE, [f"out_dir={tmp_path / 'curated'}", "exec.progress=false",
+                                             "tracking.backend=none"])
+    for src in cfg.sources:
+        src.path = src.path.replace("outputs/toyworld", str(world))
+        assert "/train" in src.path  # the recipe curates the train splits
+    results = {r["source"]: r for r in run_curation(cfg)}
+    assert set(results) == {"digits", "shapes", "charts_docs", "photos", "text"}
+    for name, r in results.items():
+        assert r["kept"] > 0 and r["inputs"] == r["kept"] + r["rejected"], name
+        manifest = json.loads((tmp_path / "curated" / name / "manifest.json").read_text())
+        assert manifest["task"] == {"digits": "class_label", "shapes": "t2i", "charts_docs": "chart_doc",
+                                    "photos": "caption", "text": "text"}[name]
+    # synthetic sources opt out of dedup and pass the lowered size filters whole
+    assert results["shapes"]["rejected"] == 0 and results["charts_docs"]["rejected"] == 0
