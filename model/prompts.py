@@ -104,6 +104,20 @@ def build_understanding(sample: Sample, tokenizer, ids: SpecialIds, n_tokens: in
     return ex
 
 
+def understanding_prompt(
+    tokenizer, ids: SpecialIds, question: str, n_tokens: int, has_image: bool, system: str | None = None
+) -> Example:
+    """An inference prompt: BOS [system] user turn (image first) and ``<|Assistant|>:``, nothing trained."""
+    ex = Example()
+    ex.add([ids.bos], False)
+    if system:
+        ex.add(_text_ids(tokenizer, system + SEP), False)
+    tag = f"{IMAGE_TAG}\n" if has_image and IMAGE_TAG not in question else ""
+    _add_with_images(ex, tokenizer, ids, f"{USER}: {tag}{question}{SEP}", False, n_tokens)
+    ex.add(_text_ids(tokenizer, f"{ASSISTANT}:"), False)
+    return ex
+
+
 def build_text(sample: Sample, tokenizer, ids: SpecialIds) -> Example:
     ex = Example(task=TASKS.index(sample.meta.task))
     ex.add([ids.bos], False)
