@@ -89,36 +89,67 @@ def mix_record(
     return encode_sample(sample), chosen, cut
 
 
-def write_stage_shards(plan: StagePlan, reader: SourceReader, out_dir: Path, caption_fraction: float) -> dict:
-    """Write every shard of the plan under ``out_dir``; returns the counts the manifest reports."""
+def write_shard(plan: StagePlan, reader: SourceReader, out_dir: Path, s: int, caption_fraction: float) -> dict:
+    """Write shard s of the plan; returns its counts (per group, per source) and first-sentence tallies."""
+    slots = plan.shard_slots(s)
+    source_counts = [np.zeros(len(g.sources), dtype=np.int64) for g in plan.groups]
+    cut = chosen = 0
+    with TarShardWriter(out_dir / shard_name(plan.name, s)) as writer:
+        for g, src, idx, epoch in zip(*(slots[k].tolist() for k in ("group", "source", "sample", "epoch")),
+                                      strict=True):
+            gp = plan.groups[g]
+            mixed, was_chosen, was_cut = mix_record(reader.record(gp.sources[src], idx), task=gp.use_as[src],
+                                                    epoch=epoch, seed=plan.seed, caption_fraction=caption_fraction)
+            writer.write(mixed)
+            cut += was_cut
+            chosen += was_chosen
+            source_counts[g][src] += 1
+    return {"groups": np.bincount(slots["group"], minlength=len(plan.groups)), "sources": source_counts,
+            "cut": cut, "chosen": chosen}
+
+
+def write_shard_range(
+    plan: StagePlan, sources: dict[str, SourceEntry], out_dir: Path, shards: list[int], caption_fraction: float
+) -> list[dict]:
+    """Write several shards with one reader (the unit of work of a writer task)."""
+    reader = SourceReader(sources)
+    try:
+        return [write_shard(plan, reader, out_dir, s, caption_fraction) for s in shards]
+    finally:
+        reader.close()
+
+
+def write_stage_shards(
+    plan: StagePlan, sources: dict[str, SourceEntry], out_dir: Path, caption_fraction: float, workers: int = 1
+) -> dict:
+    """Write every shard of the plan under ``out_dir``; returns the counts the manifest reports.
+
+    Shards are independent given the plan, so ``workers > 1`` writes them as Ray tasks (contiguous ranges);
+    the bytes do not depend on the number of workers.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [shard_name(plan.name, s) for s in range(plan.num_shards)]
     for stale in out_dir.glob(f"{plan.name}-*.tar"):
         if stale.name not in names:
             stale.unlink()
-    num_groups = len(plan.groups)
-    shard_counts = np.zeros((plan.num_shards, num_groups), dtype=np.int64)
-    source_counts = [np.zeros(len(g.sources), dtype=np.int64) for g in plan.groups]
-    used = [[set() for _ in g.sources] for g in plan.groups]
-    cut = chosen = 0
-    for s, name in enumerate(names):
-        slots = plan.shard_slots(s)
-        with TarShardWriter(out_dir / name) as writer:
-            for g, src, idx, epoch in zip(*(slots[k].tolist() for k in ("group", "source", "sample", "epoch")),
-                                          strict=True):
-                gp = plan.groups[g]
-                record = reader.record(gp.sources[src], idx)
-                mixed, was_chosen, was_cut = mix_record(record, task=gp.use_as[src], epoch=epoch, seed=plan.seed,
-                                            caption_fraction=caption_fraction)
-                writer.write(mixed)
-                cut += was_cut
-                chosen += was_chosen
-                source_counts[g][src] += 1
-                used[g][src].add(idx)
-        shard_counts[s] = np.bincount(slots["group"], minlength=num_groups)
-    return {"names": names, "shard_counts": shard_counts, "source_counts": source_counts,
-            "distinct": [[len(u) for u in us] for us in used], "caption_cut": cut,
-            "caption_chosen": chosen}
+    ranges = [r.tolist() for r in np.array_split(np.arange(plan.num_shards), max(1, min(workers, len(names))))]
+    if workers > 1:
+        import ray
+
+        task = ray.remote(write_shard_range)
+        plan_ref, sources_ref = ray.put(plan), ray.put(sources)
+        results = ray.get([task.remote(plan_ref, sources_ref, out_dir, r, caption_fraction) for r in ranges])
+    else:
+        results = [write_shard_range(plan, sources, out_dir, r, caption_fraction) for r in ranges]
+    per_shard = [x for chunk in results for x in chunk]
+    source_counts = [sum((x["sources"][g] for x in per_shard), np.zeros(len(gp.sources), np.int64))
+                     for g, gp in enumerate(plan.groups)]
+    return {"names": names, "shard_counts": np.stack([x["groups"] for x in per_shard]),
+            "source_counts": source_counts,
+            # each pass over a source is a permutation, so the first min(count, size) draws are all distinct
+            "distinct": [np.minimum(c, gp.available).tolist() for c, gp in zip(source_counts, plan.groups,
+                                                                                strict=True)],
+            "caption_cut": sum(x["cut"] for x in per_shard), "caption_chosen": sum(x["chosen"] for x in per_shard)}
 
 
 def _ratios(counts: np.ndarray, groups: list[str]) -> dict[str, float]:

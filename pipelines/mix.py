@@ -9,6 +9,7 @@ realised-vs-target table and records it in the MLflow run "mix".
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from data_prep.mixture import StageConfig, build_stage_plan, load_source
 from data_prep.precompute import PrecomputeConfig, precompute_config_encoder, run_precompute
-from data_prep.stage_shards import SourceReader, build_manifest, finalize_manifest, write_stage_shards
+from data_prep.stage_shards import build_manifest, finalize_manifest, write_stage_shards
 from pipelines.config import config_hash, parse_job_args, save_resolved
 from pipelines.tracking import TrackingConfig, build_tracker
 
@@ -40,6 +41,8 @@ class MixConfig:
     """Mixture seed; each stage derives its own unless it gives one."""
     stages: dict[str, StageConfig] = field(default_factory=dict)
     """Training stages in order, by name."""
+    write_workers: int = 1
+    """Ray tasks writing a stage's shards in parallel (1: in this process, no Ray); bytes do not change."""
     only: list[str] = field(default_factory=list)
     """Write only these stages (default: all)."""
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
@@ -54,6 +57,8 @@ class MixConfig:
             raise ValueError("stages: a recipe needs at least one stage")
         if self.samples_per_shard <= 0:
             raise ValueError(f"samples_per_shard must be positive, got {self.samples_per_shard}")
+        if self.write_workers <= 0:
+            raise ValueError(f"write_workers must be positive, got {self.write_workers}")
         if self.shuffle_window <= 0:
             raise ValueError(f"shuffle_window must be positive, got {self.shuffle_window}")
         unknown = sorted(set(self.only) - set(self.stages))
@@ -62,6 +67,14 @@ class MixConfig:
 
 
 CONFIG = MixConfig
+
+
+def content_hash(cfg: MixConfig) -> str:
+    """Hash of what decides the shard bytes: not where files live, how many workers, or tracking
+    (the sources' identity is recorded by their manifests' hashes)."""
+    pre = dataclasses.replace(cfg.precompute, num_actors=1, num_gpus_per_actor=None)
+    return config_hash(dataclasses.replace(cfg, curated_dir="", out_dir="", write_workers=1, only=[],
+                                           precompute=pre, tracking=TrackingConfig()))
 
 
 def source_dirs(cfg: MixConfig, stages: Sequence[str]) -> dict[str, Path]:
@@ -76,13 +89,13 @@ def source_dirs(cfg: MixConfig, stages: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def build_stage(cfg: MixConfig, name: str, sources: dict, reader: SourceReader, chash: str) -> dict:
+def build_stage(cfg: MixConfig, name: str, sources: dict, chash: str) -> dict:
     """Plan, write (and optionally precompute) one stage; returns its manifest."""
     stage = cfg.stages[name]
     plan = build_stage_plan(name, stage, sources, samples_per_shard=cfg.samples_per_shard,
                             window=cfg.shuffle_window, mix_seed=cfg.seed)
     stage_dir = Path(cfg.out_dir) / cfg.recipe / name
-    written = write_stage_shards(plan, reader, stage_dir, stage.caption_first_sentence)
+    written = write_stage_shards(plan, sources, stage_dir, stage.caption_first_sentence, cfg.write_workers)
     info = {"recipe": cfg.recipe, "config_hash": chash, "samples_per_shard": cfg.samples_per_shard}
     manifest = build_manifest(plan, written, sources, info)
     manifest["caption_first_sentence"]["fraction"] = stage.caption_first_sentence
@@ -130,14 +143,13 @@ def run(cfg: MixConfig) -> dict[str, dict]:
     stages = cfg.only or list(cfg.stages)
     out_root = Path(cfg.out_dir) / cfg.recipe
     save_resolved(cfg, out_root)
-    chash = config_hash(cfg)
+    chash = content_hash(cfg)
     sources = {name: load_source(name, path) for name, path in source_dirs(cfg, stages).items()}
-    reader = SourceReader(sources)
     manifests: dict[str, dict] = {}
     tracker = build_tracker(cfg.tracking, "mix", jsonl_path=out_root / "mix.jsonl",
                             tags={"janus.kind": "mix", "janus.recipe": cfg.recipe})
     ray_started = False
-    if cfg.precompute.kind != "none":  # one local Ray for every stage's actor pool (unless connected already)
+    if cfg.precompute.kind != "none" or cfg.write_workers > 1:  # one local Ray for all stages, unless connected
         import ray
 
         ray_started = not ray.is_initialized()
@@ -149,10 +161,9 @@ def run(cfg: MixConfig) -> dict[str, dict]:
         tracker.log_artifact(out_root / "config.resolved.yaml")
         try:
             for name in stages:
-                manifests[name] = build_stage(cfg, name, sources, reader, chash)
+                manifests[name] = build_stage(cfg, name, sources, chash)
                 log_stage(tracker, name, manifests[name])
         finally:
-            reader.close()
             if ray_started:
                 import ray
 

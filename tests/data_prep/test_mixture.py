@@ -15,7 +15,6 @@ from data_prep.blend import build_schedule
 from data_prep.mixture import GroupConfig, PhaseConfig, SourceConfig, StageConfig, build_stage_plan, load_source
 from data_prep.schema import GENERATION_TASKS, TEXT_TASKS, UNDERSTANDING_TASKS, decode_sample
 from data_prep.stage_shards import (
-    SourceReader,
     build_manifest,
     finalize_manifest,
     first_sentence,
@@ -54,11 +53,7 @@ def write(curated: Path, out: Path, cfg: StageConfig, *, shard: int = 64, window
     names = {s for g in cfg.groups.values() for s in g.sources}
     sources = {n: load_source(n, curated / n) for n in names}
     plan = build_stage_plan("stage", cfg, sources, samples_per_shard=shard, window=window, mix_seed=seed)
-    reader = SourceReader(sources)
-    try:
-        written = write_stage_shards(plan, reader, out, cfg.caption_first_sentence)
-    finally:
-        reader.close()
+    written = write_stage_shards(plan, sources, out, cfg.caption_first_sentence)
     manifest = build_manifest(plan, written, sources, {"recipe": "test"})
     finalize_manifest(out, manifest)
     return plan, json.loads((out / "manifest.json").read_text())

@@ -132,3 +132,16 @@ def test_job_precomputes_latents(ray_local: None, curated: Path, tmp_path: Path)
     assert all((s.latent is not None) == (s.meta.task == "t2i") for s in samples)
     for shard in manifest["shards"]:  # hashes are of the final (precomputed) bytes
         assert hashlib.sha256((stage / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+
+
+@pytest.mark.ray
+def test_parallel_writers_and_locations_do_not_change_bytes(ray_local: None, curated: Path, tmp_path: Path) -> None:  # noqa: F811
+    recipe = str(CONFIGS / "mix_toy_janusflow.yaml")
+    main(["--config", recipe, f"curated_dir={curated}", f"out_dir={tmp_path / 'a'}", "tracking.backend=none"])
+    main(["--config", recipe, f"curated_dir={curated}", f"out_dir={tmp_path / 'b'}", "tracking.backend=none",
+          "write_workers=2"])
+    a, b = tmp_path / "a" / "toy_janusflow", tmp_path / "b" / "toy_janusflow"
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix in (".tar", ".json"))
+    assert len(files) == 3 + 5 + 10 + 7  # three manifests and every shard
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
