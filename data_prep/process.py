@@ -113,7 +113,8 @@ def prepare_record(rec: RawRecord, src: SourceConfig, image_cfg: ImageConfig, un
         row["phash"] = phash64(rgb)
         row["image_ext"] = ext
         return Candidate(row, fields, rgb, stored)
-    except Rejected as rej:
+    except Exception as exc:  # one bad sample never fails the job: anything unforeseen is a named reject
+        rej = exc if isinstance(exc, Rejected) else Rejected("processing_error", f"{type(exc).__name__}: {exc}")
         # object addresses in exception texts would make the ledger differ between identical runs
         row.update(reason=rej.reason, detail=_ADDRESS_RE.sub("", rej.detail)[:_DETAIL_MAX])
         return row

@@ -82,3 +82,16 @@ def test_filter_config_validation_names_field():
         FilterConfig(min_side=-1)
     with pytest.raises(ValueError, match="filters.max_aspect"):
         FilterConfig(max_aspect=0.5)
+
+
+def test_unforeseen_error_is_a_named_reject(monkeypatch):
+    from data_prep import process
+    from data_prep.imaging import ImageConfig
+
+    def boom(*_a, **_k):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(process, "decode_image", boom)
+    rec = RawRecord("k", "loc", row={"caption": "two words here"}, image=b"x")
+    row = process.prepare_record(rec, _src(), ImageConfig(), 0, 0)
+    assert (row["reason"], row["detail"]) == ("processing_error", "MemoryError: simulated")
