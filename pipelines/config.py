@@ -63,7 +63,7 @@ def _open_dict_fields(node: DictConfig) -> None:
     """Fields typed ``dict[str, X]`` take any key (stages, groups by name); their values stay typed and strict."""
     if node._metadata.object_type is dict:
         OmegaConf.set_struct(node, False)
-    for key in node.keys():
+    for key in node:
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
             _open_dict_fields(child)

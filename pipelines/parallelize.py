@@ -52,15 +52,18 @@ def build_device_mesh(device_type: str, world_size: int, replicate: int = 1) -> 
     return init_device_mesh(device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList | list[nn.Module], parent: nn.Module) -> None:
-    """Wrap every decoder block so its activations are recomputed in backward."""
+def apply_activation_checkpointing(blocks: list[nn.Module], parent: nn.Module) -> list[nn.Module]:
+    """Wrap every decoder block (in place, inside ``parent``) so its activations are recomputed in backward.
+
+    Returns the wrappers, which are what FSDP must shard from then on."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    targets = {id(b) for b in blocks}
-    for module in parent.modules():
+    wrapped = {id(b): checkpoint_wrapper(b, preserve_rng_state=False) for b in blocks}
+    for module in list(parent.modules()):
         for name, child in list(module.named_children()):
-            if id(child) in targets:
-                module.register_module(name, checkpoint_wrapper(child, preserve_rng_state=False))
+            if id(child) in wrapped:
+                module.register_module(name, wrapped[id(child)])
+    return [wrapped[id(b)] for b in blocks]
 
 
 def apply_compile(blocks: list[nn.Module]) -> None:
@@ -117,34 +120,15 @@ def apply_parallelism(
     if mesh is not None:
         apply_all_params_in_graph(model, blocks)
     if cfg.activation_checkpointing:
-        apply_activation_checkpointing(blocks, model)
+        blocks = apply_activation_checkpointing(blocks, model)
     if cfg.compile:
         apply_compile(blocks)
     if mesh is not None:
         apply_fsdp(
             model,
-            _current_blocks(model, blocks),
+            blocks,
             mesh,
             mixed_precision=cfg.mixed_precision and device_type == "cuda",
             reshard_after_forward=cfg.reshard_after_forward,
         )
     return model
-
-
-def _current_blocks(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
-    """The block modules as they sit in the model now (checkpoint wrappers replace the originals)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
-    ids = {id(b) for b in blocks}
-    out = []
-    for module in model.modules():
-        if id(module) in ids or (isinstance(module, CheckpointWrapper) and id(module._checkpoint_wrapped_module) in ids):
-            out.append(module)
-    return [m for m in out if not (isinstance(m, nn.Module) and _wrapped_twice(m, out))]
-
-
-def _wrapped_twice(module: nn.Module, found: list[nn.Module]) -> bool:
-    """A block found both bare and inside its wrapper: keep only the wrapper."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
-    return any(isinstance(w, CheckpointWrapper) and w._checkpoint_wrapped_module is module for w in found)

@@ -98,6 +98,22 @@ class ScalingConfig:
 
 
 @dataclass(kw_only=True)
+class FaultConfig:
+    """Fault drills: prove that a lost worker is restarted and resumes (tests, game days)."""
+
+    kill_at_step: int = 0
+    """After this optimizer step (and its checkpoint, if one falls there) a worker dies by SIGKILL. 0 = off."""
+    kill_rank: int = 0
+    """Which rank dies."""
+    stage: str = "I"
+    """In which stage."""
+
+    def __post_init__(self) -> None:
+        if self.kill_at_step < 0 or self.kill_rank < 0:
+            raise ValueError(f"fault.kill_at_step and fault.kill_rank must be >= 0 ({self})")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     name: str = "debug"
     """Run name: stage runs are {name}-stage_{S}; the same name resumes."""
@@ -127,6 +143,8 @@ class TrainConfig:
     """Generate preview images and answers every N steps (0 = only at the end of a stage)."""
     export: bool = True
     """Export the stage's final model (HF format) and log it to MLflow."""
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    """Injected failures (off by default)."""
 
     def __post_init__(self) -> None:
         for s in self.stages:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -261,6 +262,20 @@ def _throughput(raw: dict[str, float], world: int, global_batch: int) -> dict[st
     return raw
 
 
+def maybe_inject_fault(cfg: TrainConfig, stage: str, rank: int, step: int, stage_dir: Path) -> None:
+    """Kill this worker once (a marker file remembers) when the fault drill says so."""
+    fault = cfg.fault
+    if not fault.kill_at_step or (fault.stage, fault.kill_rank, fault.kill_at_step) != (stage, rank, step):
+        return
+    marker = stage_dir / f"fault_injected_step{step}_rank{rank}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("killed here by the fault drill\n")
+    print(f"fault drill: killing rank {rank} of stage {stage} after step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train entry point: ``loop`` = {"cfg": resolved TrainConfig dict, "stage", "init_weights",
     "samples_per_rank", "stage_dir"}."""
@@ -293,6 +308,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             last = step == scfg.steps
             if last or step % cfg.checkpoint.every_steps == 0:
                 runner.report({"step": step, "loss": metrics["loss"]}, checkpoint=True)
+            maybe_inject_fault(cfg, stage, runner.rank, step, runner.out_dir)
         info = {"stage": stage, "steps": runner.state.step, "family": runner.family, "flavor": runner.flavor.name}
         _save_weights(runner.task, runner.model, runner.out_dir / "final", info)
         tracker.log_metrics({"stage_done": 1.0}, step=runner.state.step)

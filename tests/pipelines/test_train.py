@@ -1,0 +1,152 @@
+"""Three-stage training on a local Ray instance, 2 CPU workers, FSDP2 over gloo, the debug flavor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from data_prep.schema import encode_sample
+from data_prep.shards import write_tar
+from model.build import build_model, resolve_family
+from model.flavors import get_flavor
+from model.freeze import FREEZE_SCHEDULES, param_group
+from pipelines.checkpoint import load_checkpoint
+from pipelines.config import load_config
+from pipelines.train import run_training, stage_dir
+from pipelines.train_config import TrainConfig
+from pipelines.train_loop import WEIGHTS_FILE
+from tests.model.toy import ALL_TASKS, make_sample
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stage_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stage shards holding every task, 2 of each per 12 samples, so every global batch has them all."""
+    root = tmp_path_factory.mktemp("stages")
+    samples = [make_sample(ALL_TASKS[i % len(ALL_TASKS)], i) for i in range(48)]
+    for stage in ("I", "II", "III"):
+        for s in range(4):
+            chunk = samples[s * 12 : (s + 1) * 12]
+            write_tar(root / f"stage_{stage}" / f"stage_{stage}-{s:06d}.tar", [encode_sample(x) for x in chunk])
+    return root
+
+
+def _cfg(tmp: Path, data: Path, *overrides: str) -> TrainConfig:
+    base = [
+        f"data_root={data}",
+        f"checkpoint.dir={tmp / 'ckpt'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "checkpoint.every_steps=2",
+        *(f"stage.{s}.{k}" for s in ("I", "II", "III") for k in ("steps=2", "global_batch=12", "lr=0.001")),
+    ]
+    return load_config(TrainConfig, None, [*base, *overrides])
+
+
+def _weights(cfg: TrainConfig, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(str(stage_dir(cfg, stage) / "final" / WEIGHTS_FILE))
+
+
+def _check_freeze(family: str, stage: int, before: dict, after: dict) -> None:
+    """Frozen groups are bit-identical; every group that trains moved."""
+    trains = FREEZE_SCHEDULES[family][stage]
+    moved: dict[str, bool] = {}
+    for name, value in before.items():
+        group = param_group(family, name)
+        changed = not torch.equal(value, after[name])
+        if group not in trains:
+            assert not changed, f"stage {stage}: frozen {group} parameter {name} changed"
+        moved[group] = moved.get(group, False) or changed
+    for group in trains & set(moved):
+        assert moved[group], f"stage {stage}: trainable group {group} did not change"
+
+
+def _param_names(family: str) -> set[str]:
+    model = build_model(get_flavor("debug"), family, device="meta")
+    return {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["janus_pro", "janusflow"])
+def test_three_stages_freeze_and_mlflow(family: str, ray_local, stage_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, stage_data, f"model.family={family}", f"name={family}")
+    finals = run_training(cfg)
+    assert set(finals) == {"I", "II", "III"}
+    names = _param_names(family)
+    torch.manual_seed(cfg.seed)  # the stage I starting point, as the workers built it
+    flavor = get_flavor("debug")
+    start = {k: v for k, v in build_model(flavor, resolve_family(flavor, family)).state_dict().items() if k in names}
+    previous = start
+    for idx, stage in enumerate(("I", "II", "III"), start=1):
+        weights = {k: v for k, v in _weights(cfg, stage).items() if k in names}
+        assert set(weights) == names
+        _check_freeze(family, idx, previous, weights)
+        previous = weights
+    # MLflow: the training parent run and one child per stage, with per-task losses and throughput.
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("janus-pipeline")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parent = runs[f"train-{family}"]
+    for stage in ("I", "II", "III"):
+        child = runs[f"stage_{stage}"]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_s"} <= set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert [m.step for m in history] == [1, 2]
+        assert int(child.data.params["trainable_params"]) > 0
+
+
+def test_killed_worker_resumes_with_identical_losses(ray_local, stage_data: Path, tmp_path: Path) -> None:
+    common = ["stages=[I]", "stage.I.steps=4", "checkpoint.every_steps=2", "scaling.max_failures=2"]
+    clean = _cfg(tmp_path / "clean", stage_data, *common, "name=clean")
+    run_training(clean)
+    faulty = _cfg(tmp_path / "faulty", stage_data, *common, "name=faulty", "fault.kill_at_step=3", "fault.kill_rank=1")
+    run_training(faulty)
+    assert (stage_dir(faulty, "I") / "fault_injected_step3_rank1").is_file(), "the drill did not fire"
+
+    def losses(cfg: TrainConfig) -> dict[int, list[float]]:
+        out: dict[int, list[float]] = {}
+        for line in (stage_dir(cfg, "I") / "logs" / "rank0.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec["kind"] == "metrics" and "loss" in rec["metrics"]:
+                out.setdefault(rec["step"], []).append(rec["metrics"]["loss"])
+        return out
+
+    a, b = losses(clean), losses(faulty)
+    assert len(b[3]) == 2, "step 3 ran before the kill and again after the resume from step 2"
+    for step in (1, 2, 3, 4):
+        assert b[step][-1] == pytest.approx(a[step][-1], rel=1e-6), f"step {step}: {b[step]} vs {a[step]}"
+    wa, wb = _weights(clean, "I"), _weights(faulty, "I")
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
+def test_checkpoint_of_two_workers_loads_in_one(ray_local, stage_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, stage_data, "stages=[I]", "name=reshard")
+    run_training(cfg)
+    ckpts = sorted(p for p in stage_dir(cfg, "I").glob("checkpoint_*") if p.is_dir())
+    assert ckpts and len({p.name for p in ckpts[-1].glob("__*_0.distcp")}) == 2, "written by 2 ranks"
+    flavor = get_flavor("debug")
+    from model.build import build_task
+
+    model = build_model(flavor, "janus_pro")
+    task = build_task(model, flavor, cfg.model)
+    state = load_checkpoint(ckpts[-1], task, None, None)  # one process, no process group
+    assert (state.step, state.world_size) == (2, 2)
+    final = _weights(cfg, "I")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], final[k]) for k in final)
