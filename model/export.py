@@ -196,13 +196,24 @@ def flavor_from_dict(data: dict) -> FlavorConfig:
     )
 
 
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` or the shards listed in ``model.safetensors.index.json``."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(path / "model.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(path / shard))
+    return state
+
+
 def load_janusflow(path: str | Path, flavor: FlavorConfig | None = None) -> JanusFlowModel:
     """A JanusFlow export (reference layout) -> our module; strict except the fresh REPA head."""
     path = Path(path)
     if flavor is None:
         flavor = flavor_from_dict(json.loads((path / FLAVOR_FILE).read_text()))
     model = build_janusflow(flavor)
-    state = siglip_from_reference(load_file(path / "model.safetensors"))
+    state = siglip_from_reference(read_safetensors_dir(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("repa_head.")]
     if missing or unexpected:

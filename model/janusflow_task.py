@@ -93,6 +93,12 @@ class JanusFlowTask(nn.Module):
         self.vae = [vae]  # a list hides it from .parameters()/.state_dict()/FSDP: it is frozen and not ours
         self.cfg = cfg or JanusFlowTaskConfig()
 
+    def _apply(self, fn, recurse=True):
+        # task.to(device/dtype) moves the hidden VAE too
+        if self.vae[0] is not None:
+            self.vae[0]._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
     def latents(self, batch: dict) -> torch.Tensor | None:
         if "gen_latents" in batch:
             return batch["gen_latents"] * self.model.flavor.flow.vae_scaling_factor
