@@ -17,6 +17,7 @@ JOBS: dict[str, str] = {
     "demo": "pipelines.demo",
     "mix": "pipelines.mix",
     "curate": "pipelines.curate",
+    "train": "pipelines.train",
 }
 """Job name -> module. Add a job here when its module lands."""
 
