@@ -2,7 +2,8 @@
 
 The frozen tokenizer / VAE runs in a Ray Data actor pool (one model per actor, GPU when present), one stage
 shard per call: the shard's generation samples get ``vq.npy`` (int32 ids, row-major over the token grid) or
-``latent.npy`` (the latent mean times the VAE scaling factor), and the shard is rewritten atomically. Training
+``latent.npy`` (the VAE posterior mean, unscaled: the trainer multiplies by the VAE scaling factor, as
+``model.janusflow_task`` does with ``gen_latents``), and the shard is rewritten atomically. Training
 uses those fields when present and encodes on the fly otherwise (:func:`generation_targets`, which both paths
 share, so they give the same targets and the same loss).
 
@@ -64,7 +65,10 @@ class Encoder(Protocol):
 
 
 def generation_pixels(image: bytes, resolution: int) -> np.ndarray:
-    """Generation preprocessing (Janus): short side to ``resolution``, center-crop, (3, H, W) float32 in [-1, 1]."""
+    """Generation preprocessing (Janus): short side to ``resolution``, center-crop, (3, H, W) float32 in [-1, 1].
+
+    The same arithmetic as the trainer's ``model.collate.preprocess_generation`` (a test holds them equal).
+    """
     from PIL import Image
 
     with Image.open(io.BytesIO(image)) as im:
@@ -105,11 +109,11 @@ class JanusVQEncoder:
         with torch.no_grad():
             out = self.model.encode(torch.from_numpy(pixels).to(self.device))
         ids = out.image_tokens.reshape(len(pixels), -1).to(torch.int32).cpu().numpy()
-        return list(ids)
+        return [np.ascontiguousarray(x) for x in ids]
 
 
 class SDVAEEncoder:
-    """Frozen VAE (diffusers ``AutoencoderKL``): image -> latent mean x scaling factor, (C, h, w)."""
+    """Frozen VAE (diffusers ``AutoencoderKL``): image -> posterior mean (C, h, w), unscaled (see ``scale``)."""
 
     field = LATENT_EXT
 
@@ -139,8 +143,8 @@ class SDVAEEncoder:
 
         with torch.no_grad():
             dist = self.model.encode(torch.from_numpy(pixels).to(self.device)).latent_dist
-            latent = (dist.mean * self.scale).float().cpu().numpy()
-        return [x.astype(self.dtype) for x in latent]
+            latent = dist.mean.float().cpu().numpy()
+        return [np.ascontiguousarray(x, dtype=self.dtype) for x in latent]  # the VAE may return channels-last
 
 
 ENCODERS: dict[str, type] = {"vq": JanusVQEncoder, "vae": SDVAEEncoder}

@@ -73,8 +73,11 @@ def content_hash(cfg: MixConfig) -> str:
     """Hash of what decides the shard bytes: not where files live, how many workers, or tracking
     (the sources' identity is recorded by their manifests' hashes)."""
     pre = dataclasses.replace(cfg.precompute, num_actors=1, num_gpus_per_actor=None)
-    return config_hash(dataclasses.replace(cfg, curated_dir="", out_dir="", write_workers=1, only=[],
-                                           precompute=pre, tracking=TrackingConfig()))
+    return config_hash(
+        dataclasses.replace(
+            cfg, curated_dir="", out_dir="", write_workers=1, only=[], precompute=pre, tracking=TrackingConfig()
+        )
+    )
 
 
 def source_dirs(cfg: MixConfig, stages: Sequence[str]) -> dict[str, Path]:
@@ -92,8 +95,9 @@ def source_dirs(cfg: MixConfig, stages: Sequence[str]) -> dict[str, Path]:
 def build_stage(cfg: MixConfig, name: str, sources: dict, chash: str) -> dict:
     """Plan, write (and optionally precompute) one stage; returns its manifest."""
     stage = cfg.stages[name]
-    plan = build_stage_plan(name, stage, sources, samples_per_shard=cfg.samples_per_shard,
-                            window=cfg.shuffle_window, mix_seed=cfg.seed)
+    plan = build_stage_plan(
+        name, stage, sources, samples_per_shard=cfg.samples_per_shard, window=cfg.shuffle_window, mix_seed=cfg.seed
+    )
     stage_dir = Path(cfg.out_dir) / cfg.recipe / name
     written = write_stage_shards(plan, sources, stage_dir, stage.caption_first_sentence, cfg.write_workers)
     info = {"recipe": cfg.recipe, "config_hash": chash, "samples_per_shard": cfg.samples_per_shard}
@@ -102,12 +106,22 @@ def build_stage(cfg: MixConfig, name: str, sources: dict, chash: str) -> dict:
     extra: dict = {"precompute": None}
     if cfg.precompute.kind != "none":
         cls, kwargs = precompute_config_encoder(cfg.precompute)
-        encoded = run_precompute([stage_dir / n for n in written["names"]], cls, kwargs,
-                                 batch_size=cfg.precompute.batch_size, num_actors=cfg.precompute.num_actors,
-                                 num_gpus_per_actor=cfg.precompute.num_gpus_per_actor)
-        extra["precompute"] = {"kind": cfg.precompute.kind, "field": cls.field,
-                               "encoder_path": cfg.precompute.encoder_path,
-                               "resolution": cfg.precompute.resolution, "encoded": sum(encoded.values())}
+        encoded = run_precompute(
+            [stage_dir / n for n in written["names"]],
+            cls,
+            kwargs,
+            batch_size=cfg.precompute.batch_size,
+            num_actors=cfg.precompute.num_actors,
+            num_gpus_per_actor=cfg.precompute.num_gpus_per_actor,
+        )
+        extra["precompute"] = {
+            "kind": cfg.precompute.kind,
+            "field": cls.field,
+            "encoder_path": cfg.precompute.encoder_path,
+            "resolution": cfg.precompute.resolution,
+            "encoded": sum(encoded.values()),
+            "latent_scaled": False if cfg.precompute.kind == "vae" else None,
+        }
     finalize_manifest(stage_dir, manifest, extra)
     return manifest
 
@@ -117,8 +131,10 @@ def ratio_table(manifests: dict[str, dict]) -> str:
     lines = [f"{'stage':<14}{'group':<15}{'target':>9}{'realised':>10}{'count':>9}{'worst shard dev':>17}"]
     for stage, m in manifests.items():
         for g, info in m["groups"].items():
-            lines.append(f"{stage:<14}{g:<15}{info['target_ratio']:>9.4f}{info['realised_ratio']:>10.4f}"
-                         f"{info['count']:>9d}{info['worst_shard_deviation']:>17.3f}")
+            lines.append(
+                f"{stage:<14}{g:<15}{info['target_ratio']:>9.4f}{info['realised_ratio']:>10.4f}"
+                f"{info['count']:>9d}{info['worst_shard_deviation']:>17.3f}"
+            )
         for p, ph in enumerate(m["phases"] if len(m["phases"]) > 1 else []):
             pairs = ", ".join(f"{g} {ph['realised_ratios'][g]:.4f}/{t:.4f}" for g, t in ph["target_ratios"].items())
             lines.append(f"{'':<14}phase {p} [{ph['start']}, {ph['end']}): realised/target {pairs}")
@@ -146,8 +162,9 @@ def run(cfg: MixConfig) -> dict[str, dict]:
     chash = content_hash(cfg)
     sources = {name: load_source(name, path) for name, path in source_dirs(cfg, stages).items()}
     manifests: dict[str, dict] = {}
-    tracker = build_tracker(cfg.tracking, "mix", jsonl_path=out_root / "mix.jsonl",
-                            tags={"janus.kind": "mix", "janus.recipe": cfg.recipe})
+    tracker = build_tracker(
+        cfg.tracking, "mix", jsonl_path=out_root / "mix.jsonl", tags={"janus.kind": "mix", "janus.recipe": cfg.recipe}
+    )
     ray_started = False
     if cfg.precompute.kind != "none" or cfg.write_workers > 1:  # one local Ray for all stages, unless connected
         import ray
@@ -156,8 +173,15 @@ def run(cfg: MixConfig) -> dict[str, dict]:
         if ray_started:
             ray.init(include_dashboard=False, log_to_driver=False)
     with tracker:
-        tracker.log_params({"recipe": cfg.recipe, "config_hash": chash, "seed": cfg.seed,
-                            "samples_per_shard": cfg.samples_per_shard, "shuffle_window": cfg.shuffle_window})
+        tracker.log_params(
+            {
+                "recipe": cfg.recipe,
+                "config_hash": chash,
+                "seed": cfg.seed,
+                "samples_per_shard": cfg.samples_per_shard,
+                "shuffle_window": cfg.shuffle_window,
+            }
+        )
         tracker.log_artifact(out_root / "config.resolved.yaml")
         try:
             for name in stages:

@@ -45,24 +45,28 @@ def vae() -> SDVAEEncoder:
     return SDVAEEncoder(resolution=RES, seed=0)
 
 
-def test_generation_pixels() -> None:
-    px = generation_pixels(png(3, size=16), RES)  # 20x16 -> short side 32, center crop
-    assert px.shape == (3, RES, RES) and px.dtype == np.float32
-    assert -1.0 <= px.min() < px.max() <= 1.0
+def test_generation_pixels_match_the_trainer() -> None:
+    from model.collate import preprocess_generation
+
+    for seed, size in ((3, 16), (4, 40)):
+        px = generation_pixels(png(seed, size=size), RES)  # 20x16 / 44x40 -> short side 32, center crop
+        assert px.shape == (3, RES, RES) and px.dtype == np.float32
+        assert -1.0 <= px.min() < px.max() <= 1.0
+        assert np.array_equal(px, preprocess_generation(png(seed, size=size), RES).numpy())
 
 
 def ce_loss(ids: list[np.ndarray]) -> torch.Tensor:
     """A simple image-token loss: a fixed next-id predictor over the codebook, cross-entropy on all ids."""
     torch.manual_seed(0)
     embed, head = torch.nn.Embedding(64, 8), torch.nn.Linear(8, 64)
-    x = torch.from_numpy(np.stack(ids)).long()
+    x = torch.tensor(np.stack(ids), dtype=torch.long)
     logits = head(embed(x[:, :-1]))
     return torch.nn.functional.cross_entropy(logits.reshape(-1, 64), x[:, 1:].reshape(-1))
 
 
 def rf_loss(latents: list[np.ndarray]) -> torch.Tensor:
     """Rectified-flow MSE with fixed noise, t and a fixed linear velocity model."""
-    x = torch.from_numpy(np.stack(latents)).float()
+    x = torch.tensor(np.stack(latents), dtype=torch.float32)  # a torch-owned copy: same alignment both paths
     g = torch.Generator().manual_seed(0)
     z0 = torch.randn(x.shape, generator=g)
     t = torch.rand(len(x), 1, 1, 1, generator=g)
@@ -99,7 +103,14 @@ def test_vae_precompute_matches_on_the_fly(vae: SDVAEEncoder, tmp_path: Path) ->
     gen_raw = [s for s in read_samples(raw) if s.meta.task in ("t2i", "class_label")]
     assert len(gen_stored) == 3 and gen_stored[0].latent.shape == (4, RES // 2, RES // 2)
     from_disk, on_the_fly = generation_targets(gen_stored, vae), generation_targets(gen_raw, vae)
+    assert all(np.array_equal(a, b) for a, b in zip(from_disk, on_the_fly, strict=True))
     assert rf_loss(from_disk).item() == rf_loss(on_the_fly).item()
+    # Stored unscaled, as the trainer expects (it multiplies gen_latents by the VAE scaling factor).
+    from model.janusflow_task import vae_encode
+
+    pixels = torch.from_numpy(np.stack([generation_pixels(s.image, RES) for s in gen_raw]))
+    scaled = vae_encode(vae.model, pixels).numpy()
+    assert np.allclose(np.stack(from_disk) * vae.scale, scaled, atol=1e-6)
 
 
 def test_precompute_is_deterministic(vq: JanusVQEncoder, tmp_path: Path) -> None:
