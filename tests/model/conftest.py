@@ -29,7 +29,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _flush_denormals():
-    # Tiny models trained to near-zero loss produce denormal floats that make CPU math ~10x slower.
+@pytest.fixture(autouse=True, scope="module")
+def _fast_cpu_math():
+    # Tiny models: one intra-op thread (two threads on a busy 2-core machine spin-wait ~20x slower), and no
+    # denormal floats (a model trained to near-zero loss otherwise crawls). Restored after the module.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from model.build import ModelConfig, build_collate, build_model, build_task
@@ -39,13 +38,11 @@ def _assert_falls(first: dict[str, float], last: dict[str, float], keys: list[st
         assert last[key] < 0.1 * first[key], key
 
 
-@pytest.mark.slow
 def test_janus_pro_overfits_every_task():
     first, last = overfit("janus_pro", 150)
     _assert_falls(first, last, [f"loss/{t}" for t in ALL_TASKS])
 
 
-@pytest.mark.slow
 def test_janusflow_overfits_every_task():
     first, last = overfit("janusflow", 150)
     _assert_falls(first, last, ["loss/rf", *(f"loss/{t}" for t in ALL_TASKS)])
