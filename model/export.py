@@ -1,8 +1,10 @@
 """Export and import, safetensors only (no pickle).
 
-- Janus-Pro: a transformers directory (``save_pretrained``) plus tokenizer and a generation config carrying
-  ``boi_token_id``, so stock ``JanusForConditionalGeneration.from_pretrained`` loads it and its own
-  ``generate(generation_mode="image")`` samples from it.
+- Janus-Pro: a transformers directory (``save_pretrained``) plus a ``JanusProcessor`` (tokenizer + image
+  processor) and a generation config carrying ``boi_token_id``, so stock
+  ``JanusForConditionalGeneration.from_pretrained`` loads it and its own ``generate(generation_mode="image")``
+  samples from it. The tokenizer must carry ``image_token``/``boi_token``/``eoi_token`` (the debug one and
+  converted Janus-Pro ones do).
 - JanusFlow: ``model.safetensors`` + ``config.json`` in the reference checkpoint's layout
   (github deepseek-ai/Janus ``janus/janusflow``: ``MultiModalityCausalLM``): the SigLIP tower is renamed to
   the reference's timm names (fused qkv, ``attn_pool``), the training-only REPA head is left out. Our flavor
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig
+from transformers import GenerationConfig, JanusProcessor
+from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
 from model.flavors import FlavorConfig, FlowConfig, LLMConfig, VisionConfig, VQConfig
 from model.janusflow import JanusFlowModel, build_janusflow
@@ -50,7 +53,13 @@ def export_janus_pro(model, tokenizer, out_dir: str | Path) -> Path:
         generation_kwargs={"boi_token_id": ids.boi},
     )
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    size = model.config.vision_config.image_size
+    processor = JanusProcessor(
+        image_processor=JanusImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+        num_image_tokens=model.config.vision_config.num_image_tokens,
+    )
+    processor.save_pretrained(out)  # also writes the tokenizer
     return out
 
 

@@ -50,7 +50,13 @@ def build_debug_tokenizer() -> PreTrainedTokenizerFast:
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(list(DEBUG_SPECIALS))
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="right"
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="right",
+        # the names transformers' JanusProcessor reads
+        extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI},
     )
     tok.add_bos_token = False  # our prompt builder places BOS itself
     return tok

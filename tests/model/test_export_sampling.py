@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import JanusForConditionalGeneration
+from transformers import JanusForConditionalGeneration, JanusProcessor
 
 from model.build import ModelConfig, build_collate, build_model, build_task
 from model.collate import preprocess_understanding
@@ -40,6 +40,9 @@ def test_janus_pro_export_loads_in_stock_transformers(tmp_path, tokenizer, speci
     files = {p.suffix for p in tmp_path.iterdir()}
     assert ".safetensors" in files and not files & {".bin", ".pt", ".pkl"}
     stock = JanusForConditionalGeneration.from_pretrained(tmp_path).eval()
+    processor = JanusProcessor.from_pretrained(tmp_path)
+    gen_inputs = processor(text=["a red square"], generation_mode="image", return_tensors="pt")
+    assert gen_inputs["input_ids"][0, -1] == special.boi
     ex = understanding_prompt(tokenizer, special, "what is it?", 64, True)
     ids, pix = torch.tensor([ex.input_ids]), preprocess_understanding(png(3), 64)[None]
     with torch.no_grad():
