@@ -51,3 +51,26 @@ def test_real_flavor_builds_on_meta_without_memory():
     model = build_model(get_flavor("janus_pro_7b"), device="meta")
     assert next(model.parameters()).device.type == "meta"
     assert len(decoder_blocks(model)) == 30
+
+
+def test_model_config_loads_through_the_job_config_loader():
+    from pipelines.config import ConfigError, load_config
+
+    cfg = load_config(ModelConfig, None, ["flavor=janusflow_1_3b", "janusflow.t_sigma=0.5", "pack=true"])
+    assert cfg.flavor == "janusflow_1_3b" and cfg.janusflow.t_sigma == 0.5 and cfg.pack
+    with pytest.raises(ConfigError, match="t_sigma"):
+        load_config(ModelConfig, None, ["janusflow.t_sigma=-1"])
+    with pytest.raises(ConfigError):
+        load_config(ModelConfig, None, ["janusflow.t_sigmaa=1"])
+
+
+def test_janusflow_answers_are_the_same_batched_or_alone(tokenizer, special):
+    from model.sampling import answer_questions
+    from tests.model.toy import png
+
+    model = build_model(get_flavor("debug"), "janusflow").eval()
+    questions = [(png(1), "what is it?"), (None, "say something long please")]
+    kw = {"image_size": 64, "num_image_tokens": 64, "max_new_tokens": 5}
+    batched = answer_questions(model, tokenizer, special, questions, **kw)
+    alone = [answer_questions(model, tokenizer, special, [q], **kw)[0] for q in questions]
+    assert batched == alone and all(len(a) > 0 for a in batched)
