@@ -14,10 +14,18 @@ import json
 from dataclasses import asdict
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.flavors import FlavorConfig
 from model.prompts import GEN_SLOT, UND_SLOT
+
+
+def _eager_attention(model: torch.nn.Module) -> None:
+    """Attention as plain matmuls: FlopCounterMode does not see fused CPU/meta SDPA kernels."""
+    for module in (model, *model.children()):
+        if hasattr(module, "set_attn_implementation"):
+            module.set_attn_implementation("eager")
 
 
 def _measure(fn) -> float:
@@ -36,6 +44,7 @@ def _encoder_forward_flops(flavor_json: str, family: str) -> dict[str, float]:
     from model.janusflow_task import build_vae
 
     model = build_model(flavor, family, device="meta")
+    _eager_attention(model)
     v = flavor.vision
     with torch.device("meta"):
         und = torch.zeros(1, 3, v.image_size, v.image_size)
@@ -46,6 +55,7 @@ def _encoder_forward_flops(flavor_json: str, family: str) -> dict[str, float]:
                 "vq_encode": _measure(lambda: model.model.vqmodel.encode(gen)),
             }
         f, vae = flavor.flow, build_vae(flavor, device="meta")
+        vae.set_attn_processor(AttnProcessor())
         gen = torch.zeros(1, 3, f.image_size, f.image_size)
         z = torch.zeros(1, f.latent_channels, f.latent_size, f.latent_size)
         tokens, t_emb, skip = model.encode_latents(z, torch.zeros(1))
@@ -113,7 +123,7 @@ def flops_per_batch(flavor: FlavorConfig, family: str | None, batch: dict, *, st
     attn = 12 * llm.num_layers * llm.hidden_size * float((lengths.double() ** 2).sum())
     text = 6 * llm.hidden_size * llm.vocab_size * int((batch["labels"][:, 1:] != -100).sum())
     n = flavor.num_image_tokens(family)
-    precomputed = "gen_ids" in batch or "gen_latents" in batch
+    precomputed = ("gen_ids" if family == "janus_pro" else "gen_latents") in batch
     und, gen = _per_image_flops(flavor, family, stage, precomputed)
     n_und = int((batch["kinds"] == UND_SLOT).sum()) // n
     n_gen = int((batch["kinds"] == GEN_SLOT).sum()) // n

@@ -74,3 +74,13 @@ def test_janusflow_answers_are_the_same_batched_or_alone(tokenizer, special):
     batched = answer_questions(model, tokenizer, special, questions, **kw)
     alone = [answer_questions(model, tokenizer, special, [q], **kw)[0] for q in questions]
     assert batched == alone and all(len(a) > 0 for a in batched)
+
+
+def test_collate_fn_pickles_for_ray_workers():
+    import pickle
+
+    collate_fn = build_collate(get_flavor("debug"), ModelConfig(family="janusflow"), seed=3)
+    samples = [make_sample("t2i", i) for i in range(30)]
+    a, b = collate_fn(samples), pickle.loads(pickle.dumps(collate_fn))(samples)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (a["attention_mask"] == 0).any()  # some prompts dropped (and masked: JanusFlow)

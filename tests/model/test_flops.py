@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.build import ModelConfig, build_collate, build_model, build_task
 from model.flavors import get_flavor
-from model.flops import encoder_forward_flops, flops_per_batch, flops_per_sample
+from model.flops import _eager_attention, encoder_forward_flops, flops_per_batch, flops_per_sample
 from model.freeze import apply_freeze
 from tests.model.toy import ALL_TASKS, make_sample
 
@@ -20,7 +21,10 @@ def test_estimate_is_close_to_counted_flops_of_a_training_step(family):
     collate_fn = build_collate(flavor, cfg)
     model = build_model(flavor, family)
     apply_freeze(model, family, 3)
+    _eager_attention(model)  # the FLOP counter does not see CPU SDPA kernels, it does see eager matmuls
     task = build_task(model, flavor, cfg)
+    if family == "janusflow":
+        task.vae[0].set_attn_processor(AttnProcessor())
     counted = estimated = 0.0
     for i, t in enumerate(ALL_TASKS):  # one sample per batch: no padding in the counted FLOPs
         batch = collate_fn([make_sample(t, i, vq_tokens=64)])
@@ -31,7 +35,7 @@ def test_estimate_is_close_to_counted_flops_of_a_training_step(family):
         counted += counter.get_total_flops()
         estimated += flops_per_batch(flavor, family, batch, stage=3)
     print(f"{family}: counted {counted / 1e9:.2f} GFLOP, estimated {estimated / 1e9:.2f} GFLOP")
-    assert 0.85 < estimated / counted < 1.15
+    assert 0.95 < estimated / counted < 1.05
 
 
 def test_real_flavor_estimates():
