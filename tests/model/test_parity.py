@@ -80,3 +80,38 @@ def test_packed_batch_has_the_same_loss(debug_flavor, tokenizer, special):
     assert int(packed["segment_ids"].max()) > 1
     task = JanusProTask(model)
     torch.testing.assert_close(task(plain)[0], task(packed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_janusflow_packed_batch_has_the_same_loss(debug_flavor, tokenizer, special):
+    from model.janusflow import build_janusflow
+    from model.janusflow_task import JanusFlowTask, build_vae
+
+    task = JanusFlowTask(build_janusflow(debug_flavor).eval(), build_vae(debug_flavor))
+    tasks = ("caption", "t2i", "text", "class_label", "sft")
+    samples = [make_sample(t, i) for i, t in enumerate(tasks)]
+    plain = _collate(samples, tokenizer, special)
+    packed = _collate(samples, tokenizer, special, max_len=300, pack=True)
+    assert int(packed["segment_ids"].max()) > 1
+    torch.manual_seed(5)
+    a, ma = task(plain)
+    torch.manual_seed(5)  # same t and noise per generation image, in the same order
+    b, mb = task(packed)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert abs(ma["loss/repa"] - mb["loss/repa"]) < 1e-5
+
+
+def test_ema_update_is_an_exponential_average():
+    from model.janusflow_task import apply_ema_update, build_ema, ema_state_dict
+
+    net = torch.nn.Linear(2, 2)
+    net.bias.requires_grad_(False)
+    ema = build_ema(net, decay=0.9)
+    assert set(ema.shadow) == {"weight"}  # frozen parameters need no shadow
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    apply_ema_update(ema, net)
+    torch.testing.assert_close(ema.shadow["weight"], start + 0.1)
+    state = ema_state_dict(ema, net)
+    torch.testing.assert_close(state["weight"], start + 0.1)
+    assert torch.equal(state["bias"], net.bias)
