@@ -121,8 +121,9 @@ def siglip_from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             prefix = next(p for p in inv_simple if k.startswith(p))
             out[OURS + inv_simple[prefix] + k[len(prefix) :]] = value
     for kind in ("weight", "bias"):
-        q, kv = state[f"{REF}attn_pool.q.{kind}"], state[f"{REF}attn_pool.kv.{kind}"]
-        out[f"{OURS}head.attention.in_proj_{kind}"] = torch.cat([q, kv], dim=0)
+        if f"{REF}attn_pool.q.{kind}" in state:
+            q, kv = state[f"{REF}attn_pool.q.{kind}"], state[f"{REF}attn_pool.kv.{kind}"]
+            out[f"{OURS}head.attention.in_proj_{kind}"] = torch.cat([q, kv], dim=0)
     return out
 
 
@@ -224,7 +225,8 @@ def load_janusflow(path: str | Path, flavor: FlavorConfig | None = None) -> Janu
     model = build_janusflow(flavor)
     state = siglip_from_reference(read_safetensors_dir(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("repa_head.")]
+    # never in a checkpoint: the training-only REPA head; possibly not: SigLIP's unused pooling head
+    missing = [k for k in missing if not k.startswith(("repa_head.", OURS + "head."))]
     if missing or unexpected:
         raise KeyError(f"{path}: missing {missing[:5]}..., unexpected {unexpected[:5]}...")
     return model

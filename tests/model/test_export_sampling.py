@@ -40,6 +40,8 @@ def test_janus_pro_export_loads_in_stock_transformers(tmp_path, tokenizer, speci
     files = {p.suffix for p in tmp_path.iterdir()}
     assert ".safetensors" in files and not files & {".bin", ".pt", ".pkl"}
     stock = JanusForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ours_loaded = build_model(get_flavor("debug"), "janus_pro", path=tmp_path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ours_loaded.state_dict().items())
     processor = JanusProcessor.from_pretrained(tmp_path)
     gen_inputs = processor(text=["a red square"], generation_mode="image", return_tensors="pt")
     assert gen_inputs["input_ids"][0, -1] == special.boi
