@@ -114,3 +114,18 @@ def test_source_config_validation_names_field():
         SourceConfig(name="x", kind="text", format="csv", path="p")
     with pytest.raises(ValueError, match="name"):
         SourceConfig(name="a.b", kind="text", format="jsonl", path="p")
+
+
+def test_remote_fsspec_uri_jsonl_and_folder():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/remote/j/images/a.png", encode(pattern(1)))
+    fs.pipe("/remote/j/m.jsonl", b'{"id": "a", "image": "images/a.png", "caption": "two words"}\n')
+    fs.pipe("/remote/f/x.png", encode(pattern(2)))
+    fs.pipe("/remote/f/x.txt", b"a caption")
+    (rec,) = _records({"name": "j", "kind": "caption", "format": "jsonl", "path": "memory://remote/j/m.jsonl"})
+    assert rec.error is None and rec.image == encode(pattern(1))
+    assert rec.location.startswith("memory://")
+    (rec,) = _records({"name": "f", "kind": "caption", "format": "image_folder", "path": "memory://remote/f"})
+    assert rec.error is None and rec.row["txt"] == b"a caption"
