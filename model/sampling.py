@@ -1,8 +1,10 @@
 """Batched sampling: Janus-Pro text-to-image (CFG, KV cache), JanusFlow Euler ODE (CFG), text answers.
 
-Prompts of different lengths are left-padded (attention mask 0, positions counted from the first real
-token), so one batch holds any mix. Unconditional rows replace every prompt token but BOS by pad, as in
-training; JanusFlow also masks them out of attention (as its reference inference does).
+Inputs follow the model's device; a ``generator`` for token sampling must live there too (JanusFlow's initial
+noise is drawn with a CPU generator, then moved). Prompts of different lengths are left-padded (attention
+mask 0, positions counted from the first real token), so one batch holds any mix. Unconditional rows replace
+every prompt token but BOS by pad, as in training; JanusFlow also masks them out of attention (as its
+reference inference does).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from model.janus_pro import janus_pro_embeddings
 from model.janusflow import JanusFlowModel
 from model.prompts import UND_BOI, UND_SLOT, prompt_ids, understanding_prompt
 from model.tokenizer import SpecialIds
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _llm(model: nn.Module) -> nn.Module:
@@ -70,7 +76,7 @@ def generate_images_janus_pro(
     """
     n = model.config.vision_config.num_image_tokens
     rows, masks = cfg_prompt_rows(tokenizer, special, prompts, mask_uncond=False)
-    ids, attn = left_pad(rows, special.pad, masks)
+    ids, attn = (x.to(_device(model)) for x in left_pad(rows, special.pad, masks))
     embeds = model.get_input_embeddings()(ids)
     cache, out_ids = DynamicCache(), []
     llm = _llm(model)
@@ -116,18 +122,19 @@ def generate_images_janusflow(
     """
     flow = model.flavor.flow
     rows, masks = cfg_prompt_rows(tokenizer, special, prompts, mask_uncond=True)
-    ids, attn = left_pad([r[:-1] for r in rows], special.pad, [m[:-1] for m in masks])
+    ids, attn = (x.to(_device(model)) for x in left_pad([r[:-1] for r in rows], special.pad, [m[:-1] for m in masks]))
     llm, prefix = _llm(model), ids.shape[1]
     cache = DynamicCache()
     llm(input_ids=ids, attention_mask=attn, position_ids=positions(attn), past_key_values=cache, use_cache=True)
     b = len(prompts)
     shape = (b, flow.latent_channels, flow.latent_size, flow.latent_size)
-    z = torch.randn(shape, generator=generator, dtype=ids.new_zeros(0).float().dtype)
+    param = next(model.parameters())
+    z = torch.randn(shape, generator=generator).to(param.device, param.dtype)
     n = flow.grid**2
     full = torch.cat([attn, attn.new_ones(2 * b, n + 1)], dim=1)
     pos = positions(full)[:, prefix:]
     for step in range(steps):
-        t = torch.full((2 * b,), step / steps)
+        t = torch.full((2 * b,), step / steps, device=z.device)
         tokens, t_emb, skip = model.encode_latents(z.repeat_interleave(2, dim=0), t)
         embeds = torch.cat([t_emb[:, None], tokens], dim=1)
         h = llm(inputs_embeds=embeds, attention_mask=full, position_ids=pos, past_key_values=cache, use_cache=True)
@@ -135,7 +142,7 @@ def generate_images_janusflow(
         v = model.decode_velocity(h.last_hidden_state[:, 1:], skip, t_emb)
         v = cfg_weight * v[0::2] - (cfg_weight - 1.0) * v[1::2]
         z = z + v / steps
-    pixels = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+    pixels = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample.clamp(-1, 1)
     return z, pixels
 
 
@@ -159,9 +166,11 @@ def answer_questions(
     kinds, _ = left_pad([e.kinds for e in exs], 0)
     images = [preprocess_understanding(img, image_size) for img, _ in questions if img is not None]
     pix = torch.stack(images) if images else torch.zeros(0, 3, image_size, image_size)
+    dev = _device(model)
+    ids, attn, kinds, pix = ids.to(dev), attn.to(dev), kinds.to(dev), pix.to(dev)
     batch = {"input_ids": ids, "kinds": kinds, "und_pixel_values": pix}
     embeds = _understanding_embeds(model, batch)
-    cache, done = DynamicCache(), torch.zeros(len(exs), dtype=torch.bool)
+    cache, done = DynamicCache(), torch.zeros(len(exs), dtype=torch.bool, device=dev)
     out: list[torch.Tensor] = []
     llm, head = _llm(model), _lm_head(model)
     for _ in range(max_new_tokens):
@@ -198,7 +207,7 @@ def _understanding_embeds(model: nn.Module, batch: dict) -> torch.Tensor:
     embeds = _llm_embed(model, batch["input_ids"])
     pix = batch["und_pixel_values"]
     if pix.shape[0]:
-        feats = model.understanding_features(pix)
+        feats = model.understanding_features(pix.to(embeds.dtype))
         embeds = embeds.masked_scatter((batch["kinds"] == UND_SLOT)[..., None], feats.reshape(-1, embeds.shape[-1]))
         boi = model.beg_of_und_embed.expand(pix.shape[0], -1)
         embeds = embeds.masked_scatter((batch["kinds"] == UND_BOI)[..., None], boi)
