@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from data_prep.schema import GENERATION_TASKS, TASKS, Sample
-from model.prompts import GEN_SLOT, IGNORE, Example, build_example
+from model.prompts import GEN_SLOT, IGNORE, TEXT, Example, build_example
 from model.tokenizer import SpecialIds
 
 PAD_RGB = (127, 127, 127)
@@ -77,6 +77,18 @@ def pack_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
         rows[-1].append(i)
         used += n
     return rows
+
+
+def truncate(ex: Example, mask: list[int], max_len: int) -> tuple[Example, list[int]]:
+    """Cut a too-long example to ``max_len`` tokens when no image block is cut (long texts, long answers);
+    an example whose images do not fit is an error naming its length."""
+    if len(ex) <= max_len:
+        return ex, mask
+    if any(k != TEXT for k in ex.kinds[max_len - 1 :]):
+        raise ValueError(f"example of {len(ex)} tokens has image tokens beyond max_len={max_len}")
+    cut = Example(ex.input_ids[:max_len], ex.labels[:max_len], ex.kinds[:max_len], ex.task)
+    cut.num_und_images, cut.has_gen_image = ex.num_und_images, ex.has_gen_image
+    return cut, mask[:max_len]
 
 
 def _image_tensors(samples: Sequence[Sample], und_size: int, gen_size: int) -> dict[str, torch.Tensor]:
@@ -153,9 +165,11 @@ def collate(
 
     ``cfg_drop_prob`` with ``rng`` drops generation prompts to pad tokens (classifier-free guidance
     training); ``mask_dropped`` also zeroes their attention (JanusFlow). Without ``pack`` there is one
-    sample per row, padded to the longest (``max_len`` then only bounds it).
+    sample per row, padded to the longest. Samples longer than ``max_len`` are cut (see :func:`truncate`).
     """
     built = [build_example(s, tokenizer, special, num_image_tokens, cfg_drop_prob, rng, mask_dropped) for s in samples]
+    if max_len is not None:
+        built = [truncate(e, m, max_len) for e, m in built]
     examples, masks = [e for e, _ in built], [m for _, m in built]
     lengths = [len(e) for e in examples]
     if pack:
@@ -164,8 +178,6 @@ def collate(
         rows = pack_rows(lengths, max_len)
         width = max_len
     else:
-        if max_len is not None and max(lengths) > max_len:
-            raise ValueError(f"collate: a sample has {max(lengths)} tokens > max_len={max_len}")
         rows = [[i] for i in range(len(examples))]
         width = max(lengths)
     # Image tensors must follow the order of the image slots in the flattened batch: packing keeps the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 
+import pytest
 import torch
 from PIL import Image
 
@@ -117,3 +118,13 @@ def test_packing_keeps_attention_inside_samples(tokenizer, special):
     # every sample's tokens appear exactly once across the packed rows
     assert int((batch["kinds"] == GEN_SLOT).sum()) == 2 * 64
     assert sorted(batch["token_task"][seg > 0].unique().tolist()) == list(range(6))
+
+
+def test_long_text_is_truncated_but_images_are_never_cut(tokenizer, special):
+    from data_prep.schema import Sample, SampleMeta
+
+    long = Sample("long", SampleMeta("toy", "long", "text"), text="x" * 500)
+    batch = _collate([long, make_sample("caption", 1)], tokenizer, special, max_len=100)
+    assert batch["input_ids"].shape[1] == 100 and (batch["labels"][0] != IGNORE).sum() == 99
+    with pytest.raises(ValueError, match="image tokens beyond"):
+        _collate([make_sample("t2i", 1)], tokenizer, special, max_len=50)
