@@ -85,6 +85,17 @@ def build_vq(flavor: FlavorConfig) -> JanusVQVAE:
     return JanusVQVAE(build_vq_config(flavor)).eval()
 
 
+def apply_vq(model: JanusForConditionalGeneration, vq: JanusVQVAE, init_gen_embeddings: bool = True) -> None:
+    """Put a fitted VQ (same config) into a Janus-Pro model, frozen. With ``init_gen_embeddings`` the
+    (trainable) generation embeddings start from its codebook (both [codebook_size, embed_dim]): a warm start
+    of our choosing, the papers do not say how they were initialised."""
+    model.model.vqmodel.load_state_dict(vq.state_dict())
+    model.model.vqmodel.eval().requires_grad_(False)
+    if init_gen_embeddings:
+        with torch.no_grad():
+            model.model.generation_embeddings.weight.copy_(vq.quantize.embedding.weight)
+
+
 def build_janus_pro(flavor: FlavorConfig, device: str | torch.device | None = None):
     """Random-init Janus-Pro. ``device="meta"`` builds without memory (parameter counts of real sizes)."""
     config = build_janus_config(flavor)

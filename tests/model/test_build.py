@@ -84,3 +84,21 @@ def test_collate_fn_pickles_for_ray_workers():
     a, b = collate_fn(samples), pickle.loads(pickle.dumps(collate_fn))(samples)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (a["attention_mask"] == 0).any()  # some prompts dropped (and masked: JanusFlow)
+
+
+def test_fitted_vq_plugs_into_the_model():
+    from model.janus_pro import apply_vq, build_vq, vq_encode
+
+    flavor = get_flavor("debug")
+    model, vq = build_model(flavor, "janus_pro"), build_vq(flavor)
+    apply_vq(model, vq)
+    pix = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(vq_encode(model, pix), vq.encode(pix).image_tokens.view(2, -1))
+    assert torch.equal(model.model.generation_embeddings.weight, vq.quantize.embedding.weight)
+
+
+def test_real_flavor_needs_a_tokenizer_path():
+    from model.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match="checkpoint path"):
+        load_tokenizer(get_flavor("janus_pro_1b"))
