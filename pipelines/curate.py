@@ -159,8 +159,12 @@ def prepare_work_dir(cfg: CurateConfig) -> Path:
 
 
 def _unit_context(cfg: CurateConfig, work: Path) -> dict[str, Any]:
-    return {"sources": {s.name: s for s in cfg.sources}, "image": cfg.image, "work": str(work),
-            "fail_at_unit": cfg.exec.fail_at_unit}
+    return {
+        "sources": {s.name: s for s in cfg.sources},
+        "image": cfg.image,
+        "work": str(work),
+        "fail_at_unit": cfg.exec.fail_at_unit,
+    }
 
 
 def _run_units(batch: dict[str, np.ndarray], ctx: dict[str, Any], scorers: list[Any]) -> dict[str, list]:
@@ -239,8 +243,11 @@ def load_small_table(work: Path, units: list[Unit]) -> pa.Table:
     tables = []
     for i, u in enumerate(units):
         t = pq.read_table(staging_path(str(work), u.source, u.index), columns=SMALL_COLUMNS)
-        tables.append(t.append_column("source", pa.array([u.source] * len(t), pa.string()))
-                      .append_column("job_unit", pa.array([i] * len(t), pa.int32())))
+        tables.append(
+            t.append_column("source", pa.array([u.source] * len(t), pa.string())).append_column(
+                "job_unit", pa.array([i] * len(t), pa.int32())
+            )
+        )
     return pa.concat_tables(tables) if tables else pa.table({c: [] for c in SMALL_COLUMNS})
 
 
@@ -249,8 +256,13 @@ def decide(small: pa.Table, cfg: CurateConfig) -> tuple[list[dict[str, Any]], di
     rows = small.to_pylist()
     cands = [r for r in rows if r["reason"] is None]
     joins = {s.name: s.dedup for s in cfg.sources}
-    dups = find_duplicates([r["key"] for r in cands], [r["content_hash"] for r in cands],
-                           [r["phash"] for r in cands], cfg.dedup, [joins[r["source"]] for r in cands])
+    dups = find_duplicates(
+        [r["key"] for r in cands],
+        [r["content_hash"] for r in cands],
+        [r["phash"] for r in cands],
+        cfg.dedup,
+        [joins[r["source"]] for r in cands],
+    )
     for r, dup in zip(cands, dups, strict=True):
         r["duplicate"] = dup
     rejects: dict[str, list[dict]] = {s.name: [] for s in cfg.sources}
@@ -261,8 +273,16 @@ def decide(small: pa.Table, cfg: CurateConfig) -> tuple[list[dict[str, Any]], di
             kept.append(r)
             continue
         reason, detail, dup_of = (dup[0], "", dup[1]) if dup else (r["reason"], r["detail"] or "", None)
-        rejects[r["source"]].append({"location": r["location"], "key": r["key"], "source_key": r["source_key"],
-                                     "reason": reason, "detail": detail, "duplicate_of": dup_of})
+        rejects[r["source"]].append(
+            {
+                "location": r["location"],
+                "key": r["key"],
+                "source_key": r["source_key"],
+                "reason": reason,
+                "detail": detail,
+                "duplicate_of": dup_of,
+            }
+        )
     return kept, rejects
 
 
@@ -277,9 +297,16 @@ def shard_specs(cfg: CurateConfig, kept: list[dict[str, Any]], chash: str) -> li
                 if not members or members[-1][0] != r["unit"]:
                     members.append([r["unit"], []])
                 members[-1][1].append(r["pos"])
-            specs.append({"source": src.name, "index": index, "members": members, "config_hash": chash,
-                          "keys_digest": keys_digest(r["key"] for r in part),
-                          "fail": len(specs) == cfg.exec.fail_at_shard})
+            specs.append(
+                {
+                    "source": src.name,
+                    "index": index,
+                    "members": members,
+                    "config_hash": chash,
+                    "keys_digest": keys_digest(r["key"] for r in part),
+                    "fail": len(specs) == cfg.exec.fail_at_shard,
+                }
+            )
     return specs
 
 
@@ -295,14 +322,14 @@ def write_all_shards(cfg: CurateConfig, specs: list[dict[str, Any]], work: Path)
         return []
     configure_ray_data(cfg.exec.progress)
     ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs))
-    ds = ds.map_batches(write_shards_batch, batch_size=1, num_cpus=1,
-                        fn_kwargs={"work": str(work), "out": cfg.out_dir})
+    ds = ds.map_batches(write_shards_batch, batch_size=1, num_cpus=1, fn_kwargs={"work": str(work), "out": cfg.out_dir})
     stats = [json.loads(r["stats"]) for r in ds.take_all()]
     return sorted(stats, key=lambda s: (s["source"], s["shard"]))
 
 
-def finish_source(cfg: CurateConfig, src: SourceConfig, units: list[dict], stats: list[dict],
-                  rejects: list[dict], chash: str) -> dict[str, Any]:
+def finish_source(
+    cfg: CurateConfig, src: SourceConfig, units: list[dict], stats: list[dict], rejects: list[dict], chash: str
+) -> dict[str, Any]:
     """Rejects ledger, stale-file cleanup, accounting check, then manifest.json (written last)."""
     folder = Path(cfg.out_dir) / src.name
     by_reason = write_rejects(folder, rejects)
@@ -316,12 +343,22 @@ def finish_source(cfg: CurateConfig, src: SourceConfig, units: list[dict], stats
         for ext, n in u["ignored_members"].items():
             ignored[ext] = ignored.get(ext, 0) + n
     manifest = {
-        "source": src.name, "kind": src.kind, "task": src.task, "format": src.format, "path": src.path,
-        "schema_version": SCHEMA_VERSION, "inputs": inputs, "kept": kept, "rejected": len(rejects),
-        "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in stats),
-        "shards": [{"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
-                   for s in stats],
-        "config_hash": chash, "ignored_members": dict(sorted(ignored.items())),
+        "source": src.name,
+        "kind": src.kind,
+        "task": src.task,
+        "format": src.format,
+        "path": src.path,
+        "schema_version": SCHEMA_VERSION,
+        "inputs": inputs,
+        "kept": kept,
+        "rejected": len(rejects),
+        "rejects_by_reason": by_reason,
+        "bytes": sum(s["bytes"] for s in stats),
+        "shards": [
+            {"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in stats
+        ],
+        "config_hash": chash,
+        "ignored_members": dict(sorted(ignored.items())),
         "rejects": "rejects/rejects.parquet",
     }
     atomic_write_json(folder / "manifest.json", manifest)
@@ -347,11 +384,13 @@ def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
     return results
 
 
-def log_run(cfg: CurateConfig, results: list[dict[str, Any]], wall_s: float) -> None:
+def log_run(cfg: CurateConfig, results: list[dict[str, Any]], wall_s: float, resolved: Path | None = None) -> None:
     """MLflow run "curate": parameters, counts per reason, throughput, grids, manifests, rejects summary."""
     tracker = build_tracker(cfg.tracking, "curate", jsonl_path=Path(cfg.out_dir) / LOG_DIR / "curate.jsonl")
     with tracker:
         tracker.log_params(to_flat_dict(cfg))
+        if resolved is not None:
+            tracker.log_artifact(resolved)
         tracker.log_metrics(source_metrics(results, wall_s))
         for r in results:
             folder = Path(cfg.out_dir) / r["source"]
@@ -364,13 +403,13 @@ def log_run(cfg: CurateConfig, results: list[dict[str, Any]], wall_s: float) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_job_args(CurateConfig, argv, "python -m pipelines.curate", __doc__ or "")
-    save_resolved(cfg, Path(cfg.out_dir) / LOG_DIR)
+    resolved = save_resolved(cfg, Path(cfg.out_dir) / LOG_DIR)
     with ray_session(cfg.exec.num_cpus):
         start = time.perf_counter()  # after Ray start-up: a cluster is already up
         results = run_curation(cfg)
         wall = time.perf_counter() - start
     print(summary_table(results, wall), file=sys.stderr)
-    log_run(cfg, results, wall)
+    log_run(cfg, results, wall, resolved)
     return 0
 
 

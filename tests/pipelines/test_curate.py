@@ -150,7 +150,7 @@ def test_mlflow_run(run_a):
     assert run.data.metrics["images_per_s"] > 0
     assert run.data.params["image.short_side"] == "384"
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"manifests", "grids", "rejects_summary.json"} <= arts
+    assert {"manifests", "grids", "rejects_summary.json", "config.resolved.yaml"} <= arts
     grids = {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
     assert "grids/photos.png" in grids and "grids/text.png" not in grids
 
