@@ -64,7 +64,7 @@ def stage_dir(cfg: TrainConfig, stage: str) -> Path:
 def initial_weights(cfg: TrainConfig, stage: str) -> Path | None:
     """Where a stage starts: the previous stage's final weights, or model.path / random for stage I."""
     idx = STAGE_NAMES.index(stage)
-    if idx == 0:
+    if idx == 0 or cfg.stage_init == "model":
         return None
     previous = stage_dir(cfg, STAGE_NAMES[idx - 1]) / "final"
     if (previous / DONE_FILE).is_file():
@@ -75,6 +75,21 @@ def initial_weights(cfg: TrainConfig, stage: str) -> Path | None:
         f"stage {stage} starts from stage {STAGE_NAMES[idx - 1]}'s final weights, but {previous} is not "
         f"complete: run that stage first (same name={cfg.name!r}) or set model.path"
     )
+
+
+def check_cpu_budget(cfg: TrainConfig) -> None:
+    """Ray Data runs the reads on CPUs the training workers did not reserve; with none left, it waits
+    forever. Fail early with the knob to turn instead."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    reserved = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if total - reserved < 0.5:
+        raise ValueError(
+            f"scaling: {cfg.scaling.num_workers} workers x cpus_per_worker={cfg.scaling.cpus_per_worker} reserve "
+            f"{reserved:g} of the cluster's {total:g} CPUs, leaving none for the data pipeline; lower "
+            "scaling.cpus_per_worker (it is a reservation, not a thread limit) or add CPUs"
+        )
 
 
 def run_stage(cfg: TrainConfig, stage: str) -> Path:
@@ -88,6 +103,7 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
         print(f"train: stage {stage} already finished ({final}); skipping")
         return final
     init = initial_weights(cfg, stage)
+    check_cpu_budget(cfg)
     tars = stage_shard_paths(cfg, stage)
     n = count_samples(tars)
     workers = cfg.scaling.num_workers

@@ -123,6 +123,9 @@ class TrainConfig:
     """Root of relative stage shard folders."""
     stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))
     """Which stages to run, in order (e.g. [II, III] to start from stage I's weights)."""
+    stage_init: str = "previous"
+    """Where a stage after I starts: previous (that stage's final weights; an error if missing) or
+    model (model.path, or random init: ablations and benchmarks)."""
     stage: dict[str, StageConfig] = field(default_factory=lambda: {s: StageConfig() for s in STAGE_NAMES})
     """Per-stage settings, keyed I, II, III."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,6 +157,8 @@ class TrainConfig:
                 raise ValueError(f"stages: {s} is listed but stage.{s} has no settings")
         if self.stages != sorted(self.stages, key=STAGE_NAMES.index):
             raise ValueError(f"stages must be in order I, II, III; got {self.stages}")
+        if self.stage_init not in ("previous", "model"):
+            raise ValueError(f"stage_init must be previous or model, got {self.stage_init!r}")
         if self.log_every <= 0 or self.sample_every < 0:
             raise ValueError(f"log_every must be > 0 and sample_every >= 0 ({self.log_every}, {self.sample_every})")
 

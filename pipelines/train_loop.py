@@ -157,22 +157,19 @@ def _save_weights(task: nn.Module, model: nn.Module, out_dir: Path, info: dict[s
 class StageRunner:
     """One stage's training state inside a worker (built once, stepped many times)."""
 
-    def __init__(self, cfg: TrainConfig, stage: str, loop: dict[str, Any]) -> None:
-        import ray.train
-        import ray.train.torch
-
+    def __init__(
+        self, cfg: TrainConfig, stage: str, *, device: torch.device, init_weights: str | None, stage_dir: str | Path
+    ) -> None:
         self.cfg, self.stage, self.scfg = cfg, stage, cfg.stage[stage]
         self.rank, self.world = _dist_info()
-        self.device = ray.train.torch.get_device()
+        self.device = device
         self.micro, self.accum = self.scfg.accumulation(self.world)
-        self.flavor, self.family, self.model, self.task, counts = build_stage_model(
-            cfg, stage, loop.get("init_weights"), self.device
-        )
+        self.flavor, self.family, self.model, self.task, counts = build_stage_model(cfg, stage, init_weights, device)
         self.trainable = counts["_all"]["trainable"]
-        mesh = build_device_mesh(self.device.type, self.world, cfg.parallel.replicate) if self.world > 1 else None
+        mesh = build_device_mesh(device.type, self.world, cfg.parallel.replicate) if self.world > 1 else None
         apply_parallelism(self.task, decoder_blocks(self.model), cfg.parallel, mesh)
         if mesh is None:
-            self.task.to(self.device)
+            self.task.to(device)
         params = [p for p in self.task.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,
@@ -186,13 +183,12 @@ class StageRunner:
         torch.manual_seed(cfg.seed + 1_000_003 * (self.rank + 1) + stage_index(stage))
         random.seed(cfg.seed + self.rank)
         np.random.seed((cfg.seed + self.rank) % 2**32)
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as path:
-                self.state = load_checkpoint(path, self.task, self.optimizer, self.scheduler)
         self.collate = build_collate(self.flavor, cfg.model, seed=cfg.seed)
-        self.per_rank = int(loop["samples_per_rank"])
-        self.out_dir = Path(loop["stage_dir"])
+        self.out_dir = Path(stage_dir)
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from a checkpoint (collective)."""
+        self.state = load_checkpoint(path, self.task, self.optimizer, self.scheduler)
 
     def tracker(self) -> Tracker:
         jsonl = self.out_dir / "logs" / f"rank{self.rank}.jsonl"
@@ -280,13 +276,20 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train entry point: ``loop`` = {"cfg": resolved TrainConfig dict, "stage", "init_weights",
     "samples_per_rank", "stage_dir"}."""
     import ray.train
+    import ray.train.torch
 
     cfg = config_from_dict(TrainConfig, loop["cfg"])
     stage = loop["stage"]
-    runner = StageRunner(cfg, stage, loop)
+    runner = StageRunner(
+        cfg, stage, device=ray.train.torch.get_device(), init_weights=loop["init_weights"], stage_dir=loop["stage_dir"]
+    )
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            runner.restore(path)
     scfg = runner.scfg
     shard = ray.train.get_dataset_shard("train")
-    batches = iterate_samples(shard, runner.micro, runner.state.samples_seen, runner.per_rank)
+    batches = iterate_samples(shard, runner.micro, runner.state.samples_seen, int(loop["samples_per_rank"]))
     with runner.tracker() as tracker:
         if runner.state.step == 0:
             tracker.log_params(
