@@ -91,9 +91,10 @@ def write_hf_disk(folder: Path, rows: list[dict], class_names: list[str]) -> Pat
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance (2 CPUs) shared by the Ray tests; left to a running one if there is one."""
+    """A local Ray instance (2 CPUs) for a module's Ray tests, or the one already running. Module-scoped, so
+    modules that start their own Ray (unconditionally) find none running after ours."""
     import ray
 
     started = not ray.is_initialized()
