@@ -143,7 +143,16 @@ def torchrun_worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_torchrun(data: Path, out: Path, steps: int, family: str, warmup: int) -> dict[str, float]:
+    out.mkdir(parents=True, exist_ok=True)
     result = out / "torchrun.jsonl"
     cmd = [
         sys.executable,
@@ -151,7 +160,7 @@ def run_torchrun(data: Path, out: Path, steps: int, family: str, warmup: int) ->
         "torch.distributed.run",
         f"--nproc_per_node={WORKERS}",
         "--master_addr=127.0.0.1",
-        "--master_port=0",
+        f"--master_port={_free_port()}",
         __file__,
         "--torchrun-worker",
         "--data",

@@ -75,13 +75,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Collective: every rank calls it with its own local ``path``; returns the path."""
+    """Collective: every rank calls it with its own local ``path``; returns the path.
+
+    ``extra`` holds more (sharded) tensor groups to save, e.g. ``{"ema": shadow weights}``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank() if dist.is_initialized() else 0
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    dcp.save({"model": model_sd, "optim": optim_sd, **(extra or {})}, checkpoint_id=str(path))
     state.world_size = dist.get_world_size() if dist.is_initialized() else 1
     state.scheduler = _json_safe_scheduler(scheduler)
     if rank == 0:
@@ -95,17 +98,20 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> TrainState:
-    """Collective: load into an already-parallelised model; works at another world size (DCP reshards)."""
+    """Collective: load into an already-parallelised model; works at another world size (DCP reshards).
+
+    ``extra`` groups (as given to :func:`save_checkpoint`) are filled in place."""
     path = Path(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if optimizer is None:
         model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=str(path))
+        dcp.load({"model": model_sd, **(extra or {})}, checkpoint_id=str(path))
         set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        dcp.load({"model": model_sd, "optim": optim_sd, **(extra or {})}, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
     if scheduler is not None and state.scheduler:

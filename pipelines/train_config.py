@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from model.build import ModelConfig
 from pipelines.parallelize import ParallelConfig
+from pipelines.stage_outputs import PreviewConfig
 from pipelines.tracking import TrackingConfig
 
 STAGE_NAMES = ("I", "II", "III")
@@ -145,7 +146,13 @@ class TrainConfig:
     sample_every: int = 0
     """Generate preview images and answers every N steps (0 = only at the end of a stage)."""
     export: bool = True
-    """Export the stage's final model (HF format) and log it to MLflow."""
+    """Export the stage's final model (Janus-Pro: HF format; JanusFlow: reference layout) to MLflow."""
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    """Fixed prompts and questions of the preview images and answers."""
+    ema_decay: float = 0.99
+    """JanusFlow: EMA of the trainable weights (the released model is the EMA); 0 = off."""
+    mfu_peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for the MFU metric; 0 = known GPUs by name (none on CPU)."""
     fault: FaultConfig = field(default_factory=FaultConfig)
     """Injected failures (off by default)."""
 
@@ -157,6 +164,8 @@ class TrainConfig:
                 raise ValueError(f"stages: {s} is listed but stage.{s} has no settings")
         if self.stages != sorted(self.stages, key=STAGE_NAMES.index):
             raise ValueError(f"stages must be in order I, II, III; got {self.stages}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.stage_init not in ("previous", "model"):
             raise ValueError(f"stage_init must be previous or model, got {self.stage_init!r}")
         if self.log_every <= 0 or self.sample_every < 0:

@@ -27,10 +27,20 @@ from torch import nn
 from data_prep.schema import Sample, decode_sample
 from model.build import build_collate, build_model, build_task, decoder_blocks, resolve_family
 from model.flavors import get_flavor
+from model.flops import flops_per_batch
 from model.freeze import apply_freeze
+from model.janusflow_task import apply_ema_update, build_ema
+from model.tokenizer import load_tokenizer
 from pipelines.checkpoint import TrainState, full_model_state_dict, load_checkpoint, save_checkpoint
 from pipelines.config import config_from_dict
 from pipelines.parallelize import apply_parallelism, build_device_mesh
+from pipelines.stage_outputs import (
+    export_stage_model,
+    log_previews,
+    peak_flops,
+    run_previews,
+    unsharded_model,
+)
 from pipelines.tracking import Tracker, build_tracker
 from pipelines.train_config import StageConfig, TrainConfig, stage_index
 
@@ -128,28 +138,41 @@ def build_stage_model(cfg: TrainConfig, stage: str, init_weights: str | None, de
     return flavor, family, model, task, counts
 
 
-def _save_weights(task: nn.Module, model: nn.Module, out_dir: Path, info: dict[str, Any]) -> None:
-    """Collective: the stage's final full weights (rank 0 writes, atomically) for the next stage."""
-    from safetensors.torch import save_file
-
+def gather_weights(task: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Collective: the model's full weights on rank 0 (None elsewhere), keys as in its own state_dict."""
     full = full_model_state_dict(task)
-    rank, _ = _dist_info()
-    if rank != 0:
-        return
+    if _dist_info()[0] != 0:
+        return None
     prefix = "model."
     weights = {k[len(prefix) :]: v.contiguous() for k, v in full.items() if k.startswith(prefix)}
-    seen: dict[int, str] = {}
+    seen: set[int] = set()
     for k, v in list(weights.items()):  # tied weights arrive as one tensor twice; safetensors wants copies
         if v.data_ptr() in seen:
             weights[k] = v.clone()
-        seen.setdefault(v.data_ptr(), k)
+        seen.add(v.data_ptr())
+    return weights
+
+
+def gather_ema(ema: Any) -> dict[str, torch.Tensor] | None:
+    """Collective: the EMA shadow weights, unsharded, on rank 0."""
+    if ema is None:
+        return None
+    full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for n, t in ema.shadow.items()}
+    return full if _dist_info()[0] == 0 else None
+
+
+def write_stage_weights(weights: dict[str, torch.Tensor], out_dir: Path, info: dict[str, Any]) -> None:
+    """The stage's final full weights (what the next stage starts from), written atomically."""
+    import shutil
+
+    from safetensors.torch import save_file
+
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     save_file(weights, str(tmp / WEIGHTS_FILE))
     (tmp / DONE_FILE).write_text(json.dumps(info, indent=1))
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
 
@@ -163,6 +186,8 @@ class StageRunner:
         self.cfg, self.stage, self.scfg = cfg, stage, cfg.stage[stage]
         self.rank, self.world = _dist_info()
         self.device = device
+        if device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals from small late-training values slow CPU math ~10x
         self.micro, self.accum = self.scfg.accumulation(self.world)
         self.flavor, self.family, self.model, self.task, counts = build_stage_model(cfg, stage, init_weights, device)
         self.trainable = counts["_all"]["trainable"]
@@ -185,10 +210,15 @@ class StageRunner:
         np.random.seed((cfg.seed + self.rank) % 2**32)
         self.collate = build_collate(self.flavor, cfg.model, seed=cfg.seed)
         self.out_dir = Path(stage_dir)
+        self.ema = build_ema(self.model, cfg.ema_decay) if self.family == "janusflow" and cfg.ema_decay else None
+        self.peak = peak_flops(device, cfg.mfu_peak_tflops)
+
+    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"ema": self.ema.shadow} if self.ema is not None else {}
 
     def restore(self, path: str | Path) -> None:
         """Continue from a checkpoint (collective)."""
-        self.state = load_checkpoint(path, self.task, self.optimizer, self.scheduler)
+        self.state = load_checkpoint(path, self.task, self.optimizer, self.scheduler, self.extra_state())
 
     def tracker(self) -> Tracker:
         jsonl = self.out_dir / "logs" / f"rank{self.rank}.jsonl"
@@ -208,7 +238,7 @@ class StageRunner:
     def step(self, batches: Iterator[list[Sample]]) -> dict[str, float]:
         """One optimizer step over ``accum`` micro-batches; returns this rank's raw metrics."""
         t0 = time.perf_counter()
-        wait, metrics, tokens = 0.0, [], 0
+        wait, metrics, tokens, flops = 0.0, [], 0, 0.0
         for _ in range(self.accum):
             w0 = time.perf_counter()
             samples = next(batches)
@@ -218,6 +248,7 @@ class StageRunner:
             (loss / self.accum).backward()
             metrics.append(m)
             tokens += int(batch["attention_mask"].sum())
+            flops += flops_per_batch(self.flavor, self.family, batch, stage=stage_index(self.stage))
         params = [p for p in self.task.parameters() if p.requires_grad]
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -225,12 +256,36 @@ class StageRunner:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            apply_ema_update(self.ema, self.model)
         self.state.step += 1
         self.state.samples_seen += self.micro * self.accum
         out = _mean_metrics(metrics)
         out.update({"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]})
         out.update({"_tokens": float(tokens), "_data_wait_s": wait, "_step_s": time.perf_counter() - t0})
+        out["_flops"] = flops
         return out
+
+    def publish(self, tracker: Tracker, final: bool) -> None:
+        """Collective: previews (and at the end: stage weights, export) from the gathered full weights."""
+        weights, ema = gather_weights(self.task), gather_ema(self.ema)
+        if weights is None:
+            return
+        step = self.state.step
+        if final:
+            info = {"stage": self.stage, "steps": step, "family": self.family, "flavor": self.flavor.name}
+            write_stage_weights(weights, self.out_dir / "final", info)
+        model = unsharded_model(self.flavor, self.family, weights, self.device)
+        tokenizer = load_tokenizer(self.flavor, self.cfg.model.path)
+        vae = getattr(self.task, "vae", [None])[0]
+        paths = run_previews(
+            model, self.flavor, self.family, vae, tokenizer, self.cfg.preview, self.out_dir / "previews", step
+        )
+        log_previews(tracker, paths)
+        if final and self.cfg.export:
+            ema_full = {**weights, **ema} if ema else None
+            export = export_stage_model(model, self.family, tokenizer, self.out_dir / "export", ema_full)
+            tracker.log_artifact(export, "model")
 
     def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
         """``ray.train.report`` from every rank; with a checkpoint, each rank hands over its own files."""
@@ -240,12 +295,16 @@ class StageRunner:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="janus-ckpt-") as tmp:
-            save_checkpoint(tmp, self.task, self.optimizer, self.scheduler, self.state)
+            save_checkpoint(tmp, self.task, self.optimizer, self.scheduler, self.state, self.extra_state())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _throughput(raw: dict[str, float], world: int, global_batch: int) -> dict[str, float]:
+def _throughput(raw: dict[str, float], world: int, global_batch: int, peak: float | None = None) -> dict[str, float]:
     step_s = raw.pop("_step_s")
+    achieved = raw.pop("_flops", 0.0) / step_s  # per device: each rank counts its own micro-batches
+    raw["tflops_per_s_per_device"] = achieved / 1e12
+    if peak:
+        raw["mfu"] = achieved / peak
     tokens = raw.pop("_tokens") * world  # every rank runs the same number of micro-batches
     raw.update(
         {
@@ -305,13 +364,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         while runner.state.step < scfg.steps:
             raw = runner.step(batches)
             step = runner.state.step
-            metrics = _throughput(raw, runner.world, scfg.global_batch)
+            metrics = _throughput(raw, runner.world, scfg.global_batch, runner.peak)
             if step % cfg.log_every == 0 or step == scfg.steps:
                 tracker.log_metrics(metrics, step=step)
             last = step == scfg.steps
             if last or step % cfg.checkpoint.every_steps == 0:
                 runner.report({"step": step, "loss": metrics["loss"]}, checkpoint=True)
+            if cfg.sample_every and step % cfg.sample_every == 0 and not last:
+                runner.publish(tracker, final=False)
             maybe_inject_fault(cfg, stage, runner.rank, step, runner.out_dir)
-        info = {"stage": stage, "steps": runner.state.step, "family": runner.family, "flavor": runner.flavor.name}
-        _save_weights(runner.task, runner.model, runner.out_dir / "final", info)
+        runner.publish(tracker, final=True)
         tracker.log_metrics({"stage_done": 1.0}, step=runner.state.step)

@@ -109,6 +109,22 @@ def test_three_stages_freeze_and_mlflow(family: str, ray_local, stage_data: Path
         history = client.get_metric_history(child.info.run_id, "loss")
         assert [m.step for m in history] == [1, 2]
         assert int(child.data.params["trainable_params"]) > 0
+        assert child.data.metrics["tflops_per_s_per_device"] > 0
+        previews = {Path(a.path).suffix for a in client.list_artifacts(child.info.run_id, "previews")}
+        assert previews == {".png", ".json"}
+        exported = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, "model")}
+        assert "model.safetensors" in exported and "config.json" in exported
+    # The exported model of the last stage loads with its family's loader (stock transformers for Janus-Pro).
+    export_dir = stage_dir(cfg, "III") / "export"
+    if family == "janus_pro":
+        from transformers import JanusForConditionalGeneration
+
+        stock = JanusForConditionalGeneration.from_pretrained(export_dir)
+        assert torch.equal(stock.state_dict()["lm_head.weight"], _weights(cfg, "III")["lm_head.weight"])
+    else:
+        from model.export import load_janusflow
+
+        assert load_janusflow(export_dir) is not None
 
 
 def test_killed_worker_resumes_with_identical_losses(ray_local, stage_data: Path, tmp_path: Path) -> None:

@@ -1,0 +1,139 @@
+"""What a training stage shows and leaves behind besides checkpoints: preview images and answers from fixed
+prompts, and the exported model (HF Janus-Pro format / JanusFlow reference layout), both to MLflow.
+
+Previews and exports run on rank 0 on an unsharded copy built from the gathered full weights, so the
+sharded training model is never touched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.build import build_model
+from model.flavors import FlavorConfig
+from pipelines.tracking import Tracker
+
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0}
+"""Dense bf16 peak per GPU, by device-name fragment (for the MFU estimate)."""
+
+
+@dataclass(kw_only=True)
+class PreviewConfig:
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a handwritten digit 3", "a handwritten digit 7", "a red circle in the center", "two blue squares",
+        ]
+    )  # fmt: skip
+    """Fixed text-to-image prompts whose images are generated at every preview."""
+    questions: list[str] = field(default_factory=lambda: ["What is in the image?", "What colour is the shape?"])
+    """Fixed questions asked about each generated image (understanding preview)."""
+    seed: int = 0
+    """Sampling seed, fixed so previews are comparable across steps."""
+    max_new_tokens: int = 16
+    """Longest answer."""
+
+
+def peak_flops(device: torch.device, override_tflops: float) -> float | None:
+    """Peak FLOP/s of one device for MFU: the override, a known GPU, or None (CPU: no meaningful peak)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (w * columns, h * rows), (255, 255, 255))
+    for i, img in enumerate(images):
+        grid.paste(img.convert("RGB"), ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def unsharded_model(flavor: FlavorConfig, family: str, weights: dict[str, torch.Tensor], device: torch.device):
+    model = build_model(flavor, family)
+    model.load_state_dict(weights, strict=True)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def run_previews(
+    model: Any,
+    flavor: FlavorConfig,
+    family: str,
+    vae: Any,
+    tokenizer: Any,
+    cfg: PreviewConfig,
+    out_dir: Path,
+    step: int,
+) -> dict[str, Any]:
+    """Generate the fixed prompts' images and answer the fixed questions about them; write PNG + JSON."""
+    from model.sampling import answer_questions, generate_images_janus_pro, generate_images_janusflow
+    from model.tokenizer import special_ids
+
+    special = special_ids(tokenizer)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    if family == "janus_pro":
+        dev_gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+        _, pixels = generate_images_janus_pro(model, tokenizer, special, cfg.prompts, generator=dev_gen)
+    else:
+        _, pixels = generate_images_janusflow(model, vae, tokenizer, special, cfg.prompts, generator=gen)
+    images = _to_pil(pixels)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid_path = out_dir / f"preview_step{step:07d}.png"
+    image_grid(images).save(grid_path)
+    pngs = []
+    for img in images:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    pairs = [(png, q) for png in pngs for q in cfg.questions]
+    answers = answer_questions(
+        model,
+        tokenizer,
+        special,
+        pairs,
+        image_size=flavor.vision.image_size,
+        num_image_tokens=flavor.num_image_tokens(family),
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    record = {
+        "step": step,
+        "prompts": cfg.prompts,
+        "answers": [
+            {"prompt": cfg.prompts[i // len(cfg.questions)], "question": q, "answer": a}
+            for i, ((_, q), a) in enumerate(zip(pairs, answers, strict=True))
+        ],
+    }
+    answers_path = out_dir / f"preview_step{step:07d}.json"
+    answers_path.write_text(json.dumps(record, indent=1, ensure_ascii=False))
+    return {"grid": grid_path, "answers": answers_path}
+
+
+def export_stage_model(model: Any, family: str, tokenizer: Any, out_dir: Path, ema: dict | None = None) -> Path:
+    """The stage's model in its family's release format (JanusFlow: the EMA weights, as released)."""
+    from model.export import export_janus_pro, export_janusflow
+
+    if family == "janus_pro":
+        return export_janus_pro(model, tokenizer, out_dir)
+    return export_janusflow(model, out_dir, tokenizer, state=ema)
+
+
+def log_previews(tracker: Tracker, paths: dict[str, Path]) -> None:
+    for path in paths.values():
+        tracker.log_artifact(path, "previews")
