@@ -23,7 +23,15 @@ from torch import nn
 from data_prep.schema import Sample
 from model.collate import collate
 from model.flavors import FAMILIES, FlavorConfig, get_flavor
-from model.janus_pro import JanusProTask, JanusProTaskConfig, build_janus_pro, load_janus_pro
+from model.janus_pro import (
+    JanusProTask,
+    JanusProTaskConfig,
+    apply_vq,
+    build_janus_pro,
+    holds_vq,
+    load_janus_pro,
+    load_vq,
+)
 from model.janusflow import JanusFlowModel, build_janusflow
 from model.janusflow_task import JanusFlowTask, JanusFlowTaskConfig, build_vae, load_vae
 from model.tokenizer import load_tokenizer, special_ids
@@ -41,6 +49,9 @@ class ModelConfig:
     """Local checkpoint directory to start from (HF Janus-Pro, or our JanusFlow export); None = random."""
     vae_path: str | None = None
     """Local diffusers AutoencoderKL directory (JanusFlow); None = random VAE of the flavor."""
+    vq_path: str | None = None
+    """Local fitted JanusVQVAE directory (Janus-Pro, ``save_pretrained``) put into the model by build_task in
+    place of its VQ (e.g. the debug VQ fitted on the toy world); None = the model's own VQ."""
     cfg_drop_prob: float = 0.1
     """Probability of replacing a generation prompt by pad tokens (classifier-free guidance training)."""
     max_len: int = 4096
@@ -99,9 +110,17 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def build_task(model: nn.Module, flavor: FlavorConfig, cfg: ModelConfig | None = None, vae=None) -> nn.Module:
-    """The loss wrapper: ``loss, metrics = task(batch)``. JanusFlow also gets the frozen VAE."""
+    """The loss wrapper: ``loss, metrics = task(batch)``. JanusFlow also gets the frozen VAE.
+
+    Janus-Pro with ``cfg.vq_path``: the fitted VQ replaces the model's (and seeds the generation embeddings)
+    unless the model already holds it, so a stage started from an earlier stage keeps its trained embeddings.
+    """
     cfg = cfg or ModelConfig(flavor=flavor.name)
     if family_of(model) == "janus_pro":
+        if cfg.vq_path:
+            vq = load_vq(cfg.vq_path)
+            if not holds_vq(model, vq):
+                apply_vq(model, vq)
         return JanusProTask(model, cfg.janus_pro)
     if vae is None:
         vae = load_vae(cfg.vae_path) if cfg.vae_path else build_vae(flavor)

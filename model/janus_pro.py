@@ -96,6 +96,17 @@ def apply_vq(model: JanusForConditionalGeneration, vq: JanusVQVAE, init_gen_embe
             model.model.generation_embeddings.weight.copy_(vq.quantize.embedding.weight)
 
 
+def load_vq(path: str | Path) -> JanusVQVAE:
+    """A fitted VQ saved with ``save_pretrained`` (safetensors), frozen."""
+    return JanusVQVAE.from_pretrained(str(path), local_files_only=True).eval().requires_grad_(False)
+
+
+def holds_vq(model: JanusForConditionalGeneration, vq: JanusVQVAE) -> bool:
+    """Whether the model's VQ already has exactly these weights (e.g. a later stage started from an earlier)."""
+    own = model.model.vqmodel.state_dict()
+    return all(torch.equal(own[k].cpu(), v.cpu()) for k, v in vq.state_dict().items())
+
+
 def build_janus_pro(flavor: FlavorConfig, device: str | torch.device | None = None):
     """Random-init Janus-Pro. ``device="meta"`` builds without memory (parameter counts of real sizes)."""
     config = build_janus_config(flavor)

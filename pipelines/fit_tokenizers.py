@@ -1,0 +1,193 @@
+"""Fit the debug flavor's generation tokenizers on toy images: ``python -m pipelines.fit_tokenizers --config ...``.
+
+Reads images from the toy world's train splits (``digits``, ``shapes``, optionally ``photos``) and/or any
+curated shards folder (every ``*.tar`` under it), fits the Janus-Pro VQ and the JanusFlow VAE
+(model/fit_tokenizers.py) and writes ``{out_dir}/vq/`` and ``{out_dir}/vae/`` (``save_pretrained``,
+safetensors), ``{out_dir}/fit_tokenizers.json`` (PSNR before/after, codebook use) and reconstruction grids
+(``recon_vq.png``, ``recon_vae.png``: originals above reconstructions). Training picks them up with
+``model.vq_path={out_dir}/vq`` and ``model.vae_path={out_dir}/vae``. Logged as the MLflow child run
+``fit_tokenizers``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, vq_reconstruct
+from model.flavors import get_flavor
+from pipelines.config import parse_job_args, save_resolved, to_flat_dict
+from pipelines.generate import image_grid, to_pil
+from pipelines.tracking import TrackingConfig, build_tracker
+
+TOY_SOURCES = ("digits", "shapes", "photos")
+
+
+@dataclass(kw_only=True)
+class FitOptions:
+    """Optimisation of one tokenizer."""
+
+    enabled: bool = True
+    """Fit this tokenizer (False skips it)."""
+    steps: int = 300
+    """Optimizer steps."""
+    lr: float = 2e-3
+    """Adam learning rate."""
+    batch_size: int = 16
+    """Images per step."""
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"FitOptions.steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"FitOptions.lr must be positive, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class FitTokenizersConfig:
+    out_dir: str = "outputs/tokenizers"
+    """Writes {out_dir}/vq/, {out_dir}/vae/, fit_tokenizers.json and reconstruction grids."""
+    flavor: str = "debug"
+    """Model flavor whose VQ/VAE dimensions are fitted."""
+    toyworld_dir: str | None = "outputs/toyworld"
+    """Toy world root; images come from {source}/train of each of toy_sources. None = not used."""
+    toy_sources: list[str] = field(default_factory=lambda: ["digits", "shapes"])
+    """Toy-world sources to read (digits, shapes, photos)."""
+    shards_dir: str | None = None
+    """Curated or stage shards folder: the images of every *.tar under it. None = not used."""
+    max_images_per_source: int = 600
+    """Seeded subset of at most this many images per source (shards_dir counts as one source)."""
+    seed: int = 0
+    """Seeds the subset, the initialisation and the batches."""
+    threads: int = 2
+    """torch intra-op threads (CPU)."""
+    vq: FitOptions = field(default_factory=FitOptions)
+    """Janus-Pro VQ fitting."""
+    vae: FitOptions = field(default_factory=FitOptions)
+    """JanusFlow VAE fitting."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Where the run is recorded."""
+
+    def __post_init__(self) -> None:
+        get_flavor(self.flavor)
+        bad = sorted(set(self.toy_sources) - set(TOY_SOURCES))
+        if bad:
+            raise ValueError(f"toy_sources: unknown {bad}; valid: {list(TOY_SOURCES)}")
+        if self.toyworld_dir is None and self.shards_dir is None:
+            raise ValueError("toyworld_dir and shards_dir are both None: no images to fit on")
+        if self.max_images_per_source <= 0:
+            raise ValueError(f"max_images_per_source must be positive, got {self.max_images_per_source}")
+
+
+CONFIG = FitTokenizersConfig
+
+
+def _toy_images(root: Path, source: str) -> list[bytes]:
+    split = root / source / "train"
+    if source == "digits":
+        return [p.read_bytes() for p in sorted((split / "images").glob("*.png"))]
+    if source == "shapes":
+        return [p.read_bytes() for p in sorted(split.glob("*.png"))]
+    import pyarrow.parquet as pq
+
+    return list(pq.read_table(split / "photos.parquet", columns=["image"]).column("image").to_pylist())
+
+
+def _shard_images(root: Path) -> list[bytes]:
+    import webdataset as wds
+
+    out = []
+    for tar in sorted(root.rglob("*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False):
+            data = next((sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+            if data is not None:
+                out.append(data)
+    return out
+
+
+def collect_images(cfg: FitTokenizersConfig) -> dict[str, list[bytes]]:
+    """Per source, a seeded subset of its training images (encoded bytes)."""
+    found: dict[str, list[bytes]] = {}
+    if cfg.toyworld_dir is not None:
+        for source in cfg.toy_sources:
+            found[source] = _toy_images(Path(cfg.toyworld_dir), source)
+    if cfg.shards_dir is not None:
+        found["shards"] = _shard_images(Path(cfg.shards_dir))
+    for name, images in found.items():
+        if not images:
+            raise FileNotFoundError(f"fit_tokenizers: no images found for {name}")
+        random.Random(f"{cfg.seed}:{name}").shuffle(images)
+        found[name] = images[: cfg.max_images_per_source]
+    return found
+
+
+@torch.no_grad()
+def recon_grid(kind: str, tokenizer: torch.nn.Module, x: torch.Tensor):
+    """Originals above their reconstructions."""
+    if kind == "vq":
+        recon = vq_reconstruct(tokenizer, x)[0]
+    else:
+        recon = tokenizer.decode(tokenizer.encode(x).latent_dist.mean).sample
+    return image_grid([to_pil(p) for p in torch.cat([x, recon.clamp(-1, 1)])], cols=len(x))
+
+
+def fit_one(kind: str, cfg: FitTokenizersConfig, images: dict[str, list[bytes]], tracker) -> dict[str, float]:
+    opts = cfg.vq if kind == "vq" else cfg.vae
+    flavor = get_flavor(cfg.flavor)
+    every = max(1, opts.steps // 20)
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if step % every == 0 or step == opts.steps:
+            tracker.log_metrics(metrics, step=step)
+
+    fit = fit_vq if kind == "vq" else fit_vae
+    flat = [img for imgs in images.values() for img in imgs]
+    module, stats = fit(flavor, flat, opts.steps, opts.lr, cfg.seed, batch_size=opts.batch_size, log=log)
+    out = Path(cfg.out_dir)
+    module.save_pretrained(out / kind, safe_serialization=True)
+    size = flavor.vq.image_size if kind == "vq" else flavor.flow.image_size
+    shown = image_tensor([imgs[i] for imgs in images.values() for i in range(min(6, len(imgs)))], size)
+    grid_path = out / f"recon_{kind}.png"
+    recon_grid(kind, module, shown).save(grid_path, format="PNG")
+    tracker.log_artifact(grid_path)
+    metrics = stats.as_metrics(kind)
+    tracker.log_metrics(metrics)
+    print(
+        f"fit_tokenizers: {kind} {stats.steps} steps in {stats.seconds:.0f}s on {len(flat)} images: "
+        f"PSNR {stats.psnr_before:.1f} -> {stats.psnr_after:.1f} dB {stats.extra} -> {out / kind}"
+    )
+    return metrics
+
+
+def run_fit_tokenizers(cfg: FitTokenizersConfig) -> dict[str, float]:
+    torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)
+    out = Path(cfg.out_dir)
+    save_resolved(cfg, out)
+    images = collect_images(cfg)
+    results: dict[str, float] = {f"images/{k}": float(len(v)) for k, v in images.items()}
+    with build_tracker(cfg.tracking, "fit_tokenizers", jsonl_path=out / "metrics.jsonl") as tracker:
+        tracker.log_params(to_flat_dict(cfg))
+        for kind in ("vq", "vae"):
+            if getattr(cfg, kind).enabled:
+                results.update(fit_one(kind, cfg, images, tracker))
+        (out / "fit_tokenizers.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        tracker.log_artifact(out / "fit_tokenizers.json")
+        tracker.log_artifact(out / "config.resolved.yaml")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_job_args(FitTokenizersConfig, argv, prog="python -m pipelines.fit_tokenizers", doc=__doc__ or "")
+    run_fit_tokenizers(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
