@@ -18,6 +18,10 @@ JOBS: dict[str, str] = {
     "mix": "pipelines.mix",
     "curate": "pipelines.curate",
     "train": "pipelines.train",
+    "fit_tokenizers": "pipelines.fit_tokenizers",
+    "evaluate": "pipelines.evaluate",
+    "eval": "pipelines.evaluate",  # so configs/eval_*.yaml recipes map to evaluate
+    "generate": "pipelines.generate",
 }
 """Job name -> module. Add a job here when its module lands."""
 

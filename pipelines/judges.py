@@ -1,0 +1,162 @@
+"""Independent judges of generated images and the held-out toy questions they are compared with.
+
+- :class:`DigitJudge`: logistic regression on 8x8 box-downscaled greyscale pixels (the resolution of the
+  sklearn digits), trained on the real digits of the toy world's ``digits/eval`` split (the sklearn digits not
+  in the toy training split), never on generated images. Its own accuracy is measured on the real digits of
+  ``digits/train``, which it never saw (the generator trained on them, the judge did not).
+- :func:`judge_colour`: the dominant non-white colour of an image, named by the nearest of
+  ``toy_render.COLORS`` ("none" when the image is all background).
+- :func:`load_questions`: the understanding questions of the eval splits only, with their chance level.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data_prep.toy_render import CHART_TITLES, COLORS, DOC_TITLES
+
+DIGIT_QUESTION = "What digit is this?"
+COLOUR_QUESTION = "What colour is the shape?"
+WHITE_MARGIN = 60
+"""A pixel is background when each channel is within this of 255."""
+
+
+def _grey8(img: Image.Image) -> np.ndarray:
+    """Box-downscale to 8x8 greyscale in [0, 1] (the inverse of the toy world's 8x8 -> 64x64 upscale)."""
+    return np.asarray(img.convert("L").resize((8, 8), Image.Resampling.BOX), dtype=np.float64).ravel() / 255.0
+
+
+def _open(data: bytes | Image.Image) -> Image.Image:
+    return data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def read_digits(toyworld: Path, split: str) -> list[tuple[bytes, int]]:
+    """(PNG bytes, label) of the toy world's real digits in ``split``."""
+    folder = Path(toyworld) / "digits" / split
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return [((folder / r["image"]).read_bytes(), int(r["label"])) for r in rows]
+
+
+class DigitJudge:
+    """Names the digit in an image; trained on real held-out digits only."""
+
+    def __init__(self, images: Sequence[bytes | Image.Image], labels: Sequence[int], seed: int = 0) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x = np.stack([_grey8(_open(i)) for i in images])
+        self.classifier = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000, random_state=seed))
+        self.classifier.fit(x, np.asarray(labels))
+
+    def predict(self, images: Sequence[bytes | Image.Image]) -> list[int]:
+        x = np.stack([_grey8(_open(i)) for i in images])
+        return [int(v) for v in self.classifier.predict(x)]
+
+    def accuracy(self, images: Sequence[bytes | Image.Image], labels: Sequence[int]) -> float:
+        pred = self.predict(images)
+        return float(np.mean([p == t for p, t in zip(pred, labels, strict=True)]))
+
+
+def build_digit_judge(toyworld: Path, seed: int = 0) -> tuple[DigitJudge, float, int]:
+    """-> judge trained on ``digits/eval``, its accuracy on the unseen real ``digits/train``, train size."""
+    train = read_digits(toyworld, "eval")
+    judge = DigitJudge([b for b, _ in train], [y for _, y in train], seed)
+    held = read_digits(toyworld, "train")
+    return judge, judge.accuracy([b for b, _ in held], [y for _, y in held]), len(train)
+
+
+def judge_colour(image: bytes | Image.Image) -> str:
+    """Nearest named colour to the median of the non-background pixels; "none" for a blank image."""
+    arr = np.asarray(_open(image).convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    ink = arr[(arr < 255 - WHITE_MARGIN).any(axis=1)]
+    if len(ink) < max(4, arr.shape[0] // 200):
+        return "none"
+    centre = np.median(ink, axis=0)
+    names = list(COLORS)
+    dists = [np.linalg.norm(centre - np.asarray(COLORS[n], dtype=np.float64)) for n in names]
+    return names[int(np.argmin(dists))]
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, inner whitespace collapsed, surrounding space and final punctuation dropped."""
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!?").strip()
+
+
+@dataclass(frozen=True)
+class Question:
+    """One held-out understanding question."""
+
+    kind: str
+    """Question type (report key): digit, shape_colour, chart_doc/<question slug>."""
+    image: bytes
+    question: str
+    answer: str
+    chance: float | None
+    """Probability of a uniform guess over the possible answers being right; None where undefined."""
+
+
+def _chart_chance(question: str, meta: dict) -> float | None:
+    labels = meta.get("data", {}).get("labels")
+    fixed = {
+        "What is the title of the chart?": 1 / len(CHART_TITLES),
+        "What is the title of the document?": 1 / len(DOC_TITLES),
+        "Is the line going up or down?": 1 / 2,
+        "How many bars are there?": 1 / 3,  # 3..5
+        "How many slices are there?": 1 / 3,  # 2..4
+        "How many items are listed?": 1 / 2,  # 2..3
+    }
+    if question in fixed:
+        return fixed[question]
+    if question.startswith(("Which bar", "Which slice")) and labels:
+        return 1 / len(labels)
+    return None  # e.g. a document's total: no fixed option set
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def _chart_questions(toyworld: Path) -> list[Question]:
+    import webdataset as wds
+
+    out = []
+    for tar in sorted((toyworld / "charts_docs" / "eval").glob("*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False):
+            meta = json.loads(sample["json"])
+            turns = meta["conversation"]
+            for user, bot in zip(turns[0::2], turns[1::2], strict=True):
+                q = user["content"].split("\n")[-1]
+                kind = f"chart_doc/{_slug(q)}"
+                out.append(Question(kind, sample["png"], q, bot["content"], _chart_chance(q, meta)))
+    return out
+
+
+def load_questions(toyworld: str | Path, max_per_kind: int) -> list[Question]:
+    """Held-out questions (eval splits only), at most ``max_per_kind`` of each type, in file order."""
+    root = Path(toyworld)
+    qs: list[Question] = []
+    if (root / "digits" / "eval").is_dir():
+        qs += [Question("digit", b, DIGIT_QUESTION, str(y), 0.1) for b, y in read_digits(root, "eval")]
+    shapes = root / "shapes" / "eval"
+    for meta_path in sorted(shapes.glob("*.json")) if shapes.is_dir() else []:
+        facts = json.loads(meta_path.read_text())
+        image = meta_path.with_suffix(".png").read_bytes()
+        qs.append(Question("shape_colour", image, COLOUR_QUESTION, facts["color"], 1 / len(COLORS)))
+    if (root / "charts_docs" / "eval").is_dir():
+        qs += _chart_questions(root)
+    kept: list[Question] = []
+    counts: dict[str, int] = {}
+    for q in qs:
+        if counts.get(q.kind, 0) < max_per_kind:
+            counts[q.kind] = counts.get(q.kind, 0) + 1
+            kept.append(q)
+    return kept

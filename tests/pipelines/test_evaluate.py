@@ -1,0 +1,107 @@
+"""Evaluation end to end on a random-weight debug checkpoint; the judges on real and drawn images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from data_prep import toy_render
+from pipelines.evaluate import EvalConfig, run_evaluate
+from pipelines.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
+from pipelines.tracking import TrackingConfig
+from tests.pipelines.eval_fixtures import make_checkpoint, small_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_world(tmp_path_factory.mktemp("eval") / "toyworld")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_cpu_math():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+def test_digit_judge_classifies_unseen_real_digits(world: Path) -> None:
+    judge, acc, n_train = build_digit_judge(world)
+    print(f"digit judge: trained on {n_train} real eval-split digits, accuracy {acc:.3f} on unseen real digits")
+    assert n_train == 180 and acc > 0.8  # chance is 0.1
+    blank = Image.new("RGB", (64, 64))
+    assert len(judge.predict([blank, blank])) == 2
+
+
+def test_colour_judge_names_the_drawn_colour() -> None:
+    rng = np.random.default_rng(1)
+    hits = []
+    for _ in range(30):
+        img, facts = toy_render.render_shapes(rng, 64, 3)
+        hits.append(judge_colour(img) == facts["color"])
+    assert all(hits)
+    assert judge_colour(Image.new("RGB", (64, 64), (255, 255, 255))) == "none"
+    assert judge_colour(Image.new("RGB", (64, 64), (30, 60, 220))) == "blue"
+
+
+def test_questions_come_from_eval_splits_only(world: Path) -> None:
+    qs = load_questions(world, max_per_kind=1000)
+    kinds = {q.kind for q in qs}
+    assert {"digit", "shape_colour"} <= kinds and any(k.startswith("chart_doc/") for k in kinds)
+    digits = [q for q in qs if q.kind == "digit"]
+    assert len(digits) == 180 and all(q.answer in "0123456789" and q.chance == 0.1 for q in digits)
+    assert len([q for q in qs if q.kind == "shape_colour"]) == 12
+    assert len(load_questions(world, max_per_kind=3)) <= 3 * len(kinds)
+    assert normalise_answer("  Red. ") == "red" and normalise_answer("7") == "7"
+
+
+def test_evaluate_end_to_end_random_checkpoint(world: Path, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", "janus_pro")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = EvalConfig(
+        checkpoint=str(ckpt),
+        family="janus_pro",
+        flavor="debug",
+        toyworld_dir=str(world),
+        num_samples=6,
+        digits_per_class=1,
+        shapes_per_prompt=1,
+        seeds=[0],
+        max_new_tokens=4,
+        out_dir=str(tmp_path / "eval"),
+        tracking=TrackingConfig(uri=uri, experiment="test-eval"),
+    )
+    report = run_evaluate(cfg)
+    out = tmp_path / "eval"
+    saved = json.loads((out / "eval.json").read_text())
+    results = saved["results"]
+    assert saved["family"] == "janus_pro" and results == json.loads(json.dumps(report["results"]))
+    assert results["understanding/digit"]["n"] == 6 and results["understanding/digit"]["chance"] == pytest.approx(0.1)
+    assert results["understanding/shape_colour"]["chance"] == pytest.approx(1 / 6)
+    digits = results["generation/digits"]
+    assert digits["n"] == 10 and 0.0 <= digits["accuracy"] <= 1.0 and digits["judge_accuracy_real_heldout"] > 0.8
+    assert results["generation/shapes_colour"]["n"] == 18
+    assert Image.open(out / "digits_grid.png").size[1] > 10 * 64  # a row per class
+    assert Image.open(out / "shapes_grid.png").size[1] > 6 * 64  # a row per colour
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("test-eval")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "evaluate"
+    assert "generation/digits/judge_accuracy_real_heldout" in run.data.metrics
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"eval.json", "digits_grid.png", "shapes_grid.png"} <= logged
+
+
+def test_evaluate_rejects_wrong_family(world: Path, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", "janus_pro")
+    cfg = EvalConfig(checkpoint=str(ckpt), family="janusflow", toyworld_dir=str(world), out_dir=str(tmp_path / "e"))
+    with pytest.raises(ValueError, match="family"):
+        run_evaluate(cfg)
