@@ -1,0 +1,126 @@
+"""The generate CLI on both families (stage final/ folders and exports), and the fit_tokenizers job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from model.export import export_janus_pro, export_janusflow
+from model.janusflow_task import load_vae
+from model.tokenizer import build_debug_tokenizer
+from pipelines.fit_tokenizers import FitOptions, FitTokenizersConfig, run_fit_tokenizers
+from pipelines.generate import load_for_inference
+from pipelines.generate import main as generate_main
+from pipelines.tracking import TrackingConfig
+from tests.pipelines.eval_fixtures import make_checkpoint, small_world
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_cpu_math():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fit")
+    world = small_world(root / "toyworld")
+    cfg = FitTokenizersConfig(
+        out_dir=str(root / "tokenizers"),
+        toyworld_dir=str(world),
+        max_images_per_source=40,
+        threads=1,
+        vq=FitOptions(steps=4, batch_size=4),
+        vae=FitOptions(steps=4, batch_size=4),
+        tracking=TrackingConfig(uri=f"sqlite:///{root / 'mlflow.db'}", experiment="test-fit"),
+    )
+    run_fit_tokenizers(cfg)
+    return root
+
+
+def test_fit_tokenizers_job_writes_both_and_logs(fitted: Path) -> None:
+    out = fitted / "tokenizers"
+    assert (out / "vq" / "model.safetensors").is_file() and (out / "vq" / "config.json").is_file()
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    stats = json.loads((out / "fit_tokenizers.json").read_text())
+    assert stats["images/digits"] == 40 and stats["images/shapes"] == 4  # the train split only
+    assert stats["vq/psnr_after"] > 0 and stats["vae/psnr_after"] > 0
+    grid = Image.open(out / "recon_vq.png")
+    assert grid.size[1] > 2 * 64  # originals above reconstructions
+    client = MlflowClient(f"sqlite:///{fitted / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("test-fit").experiment_id])
+    assert run.info.run_name == "fit_tokenizers" and "vq/psnr_after" in run.data.metrics
+    assert {"recon_vq.png", "recon_vae.png", "fit_tokenizers.json"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
+
+
+def _pngs(folder: Path, n: int) -> None:
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == n
+    for f in files:
+        img = Image.open(f)
+        assert img.format == "PNG" and img.size == (64, 64)
+
+
+@pytest.mark.parametrize("family", ["janus_pro", "janusflow"])
+def test_generate_from_stage_checkpoint(family: str, fitted: Path, tmp_path: Path, capsys) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", family)
+    vae = ["--vae", str(fitted / "tokenizers" / "vae")] if family == "janusflow" else []
+    out = tmp_path / "imgs"
+    argv = ["--checkpoint", str(ckpt), "--prompt", "a handwritten digit 7", "--out", str(out), "--num", "2", *vae]
+    assert generate_main(argv) == 0
+    _pngs(out, 2)
+    image = sorted((fitted / "toyworld" / "digits" / "eval" / "images").glob("*.png"))[0]
+    capsys.readouterr()
+    assert (
+        generate_main(["--checkpoint", str(ckpt), "--image", str(image), "--question", "What digit is this?", *vae])
+        == 0
+    )
+    assert capsys.readouterr().out.count("\n") == 1  # one answer line (a random model may answer nothing)
+    if family == "janusflow":  # the fitted VAE, not a random one, decodes
+        lm = load_for_inference(ckpt, vae[1])
+        assert lm.vae.config.scaling_factor == load_vae(vae[1]).config.scaling_factor != 1.0
+
+
+def test_generate_same_seed_same_images(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", "janus_pro")
+    for name in ("a", "b"):
+        generate_main(
+            ["--checkpoint", str(ckpt), "--prompt", "a red circle", "--out", str(tmp_path / name), "--num", "1"]
+        )
+    assert (tmp_path / "a" / "a_red_circle-0.png").read_bytes() == (tmp_path / "b" / "a_red_circle-0.png").read_bytes()
+
+
+@pytest.mark.parametrize("family", ["janus_pro", "janusflow"])
+def test_generate_from_export(family: str, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", family)
+    lm = load_for_inference(ckpt)
+    export = tmp_path / "export"
+    if family == "janus_pro":
+        export_janus_pro(lm.model, build_debug_tokenizer(), export)
+    else:
+        export_janusflow(lm.model, export, tokenizer=build_debug_tokenizer())
+    again = load_for_inference(export)
+    assert again.family == family and again.flavor.name == "debug"
+    assert (
+        generate_main(
+            ["--checkpoint", str(export), "--prompt", "a blue square", "--out", str(tmp_path / "o"), "--num", "1"]
+        )
+        == 0
+    )
+    _pngs(tmp_path / "o", 1)
+
+
+def test_generate_needs_a_prompt_or_question(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        generate_main(["--checkpoint", str(tmp_path)])
