@@ -6,12 +6,16 @@
     digits/{split}/manifest.jsonl + images/*.png  real handwritten digits (sklearn)   class_label, jsonl
     shapes/{split}/NNNNNN.png + .txt + .json      shapes with exact captions          synthetic_aesthetic, image_folder
     charts_docs/{split}/charts_docs-000000.tar    charts and documents with Q&A       chart_doc, webdataset
+    digits_qa/{split}/digits_qa-000000.tar        the digits, "What digit is this?"   sft_multimodal, webdataset
+    shapes_qa/{split}/shapes_qa-000000.tar        the shapes, colour/shape/count Q&A  sft_multimodal, webdataset
     photos/{split}/photos.parquet                 scikit-image photos + captions      caption, parquet (inline bytes)
     text/{split}/text.jsonl                       templated text                      text, jsonl
     toyworld.json                                 counts, files and their SHA-256
 
-Same config and seed -> byte-identical files. Nothing is downloaded: digits ship with scikit-learn,
-photographs with scikit-image, captions for them with this package (assets/photos.json).
+``digits_qa`` and ``shapes_qa`` ask about the very images of ``digits`` and ``shapes`` (same split, same
+pixels), so digits and shapes are understood as well as generated. Same config and seed -> byte-identical
+files. Nothing is downloaded: digits ship with scikit-learn, photographs with scikit-image, captions for them
+with this package (assets/photos.json).
 """
 
 from __future__ import annotations
@@ -32,7 +36,11 @@ from data_prep.schema import IMAGE_TAG
 from data_prep.shards import write_tar
 
 SPLITS = ("train", "eval")
-SOURCES = ("digits", "shapes", "charts_docs", "photos", "text")
+SOURCES = ("digits", "shapes", "charts_docs", "photos", "text", "digits_qa", "shapes_qa")
+DIGIT_QUESTION = "What digit is this?"
+COLOUR_QUESTION = "What colour is the shape?"
+SHAPE_QUESTION = "What shape is it?"
+COUNT_QUESTION = "How many shapes are there?"
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -119,14 +127,18 @@ def _conversation(qas: list[tuple[str, str]]) -> list[dict[str, str]]:
     return turns
 
 
-def write_digits(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
+def _digit_splits(cfg: ToyWorldConfig) -> tuple[Any, dict[str, list[int]]]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     n = len(digits.target) if cfg.digits_max is None else min(cfg.digits_max, len(digits.target))
     order = _rng(cfg.seed, "digits", "split").permutation(len(digits.target))[:n]
     n_eval = max(1, round(n * cfg.digits_eval_fraction))
-    parts = {"eval": sorted(order[:n_eval].tolist()), "train": sorted(order[n_eval:].tolist())}
+    return digits, {"eval": sorted(order[:n_eval].tolist()), "train": sorted(order[n_eval:].tolist())}
+
+
+def write_digits(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
+    digits, parts = _digit_splits(cfg)
     counts = {}
     for split, indices in parts.items():
         rows = []
@@ -150,6 +162,32 @@ def write_digits(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
     return counts
 
 
+def _qa_record(key: str, img: Image.Image, meta: dict[str, Any], qas: list[tuple[str, str]]) -> dict[str, Any]:
+    meta = {**meta, "conversation": _conversation(qas)}
+    return {
+        "__key__": key,
+        "png": toy_render.encode_image(img, "png"),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def write_digits_qa(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
+    """The digits of each split (same indices and pixels as ``digits/``), asked which digit they show."""
+    digits, parts = _digit_splits(cfg)
+    counts = {}
+    for split, indices in parts.items():
+        records = []
+        for idx in indices:
+            label = int(digits.target[idx])
+            img = toy_render.render_digit(digits.data[idx], cfg.image_size)
+            meta = {"label": label, "sklearn_index": idx}
+            records.append(_qa_record(f"{split}_{idx:05d}", img, meta, [(DIGIT_QUESTION, str(label))]))
+        (root / split).mkdir(parents=True, exist_ok=True)
+        write_tar(root / split / "digits_qa-000000.tar", records)
+        counts[split] = len(records)
+    return counts
+
+
 def write_shapes(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
     counts = {}
     for split in SPLITS:
@@ -162,6 +200,27 @@ def write_shapes(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
             _write_bytes(stem.with_suffix(".txt"), facts["caption"].encode("utf-8"))
             _write_bytes(stem.with_suffix(".json"), json.dumps(facts, sort_keys=True).encode("utf-8"))
         counts[split] = n
+    return counts
+
+
+def write_shapes_qa(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
+    """The shapes of each split (the same random stream, so the same pixels as ``shapes/``) with questions
+    about their colour, kind and count."""
+    counts = {}
+    for split in SPLITS:
+        rng = _rng(cfg.seed, "shapes", split)
+        records = []
+        for i in range(getattr(cfg.shapes, split)):
+            img, facts = toy_render.render_shapes(rng, cfg.image_size, cfg.shapes_max_count)
+            qas = [
+                (COLOUR_QUESTION, facts["color"]),
+                (SHAPE_QUESTION, facts["shape"]),
+                (COUNT_QUESTION, str(facts["count"])),
+            ]
+            records.append(_qa_record(f"{split}_{i:06d}", img, facts, qas))
+        (root / split).mkdir(parents=True, exist_ok=True)
+        write_tar(root / split / "shapes_qa-000000.tar", records)
+        counts[split] = len(records)
     return counts
 
 
@@ -251,6 +310,8 @@ WRITERS: dict[str, Callable[[ToyWorldConfig, Path], dict[str, int]]] = {
     "charts_docs": write_charts_docs,
     "photos": write_photos,
     "text": write_text,
+    "digits_qa": write_digits_qa,
+    "shapes_qa": write_shapes_qa,
 }
 SOURCE_SPECS: dict[str, dict[str, str]] = {
     "digits": {"kind": "class_label", "format": "jsonl"},
@@ -258,6 +319,8 @@ SOURCE_SPECS: dict[str, dict[str, str]] = {
     "charts_docs": {"kind": "chart_doc", "format": "webdataset"},
     "photos": {"kind": "caption", "format": "parquet"},
     "text": {"kind": "text", "format": "jsonl"},
+    "digits_qa": {"kind": "sft_multimodal", "format": "webdataset"},
+    "shapes_qa": {"kind": "sft_multimodal", "format": "webdataset"},
 }
 
 

@@ -120,3 +120,26 @@ def test_job_cli_writes_resolved_config_and_rejects_bad_key(tmp_path: Path) -> N
     assert ok.returncode == 0, ok.stderr
     assert str(out) in ok.stdout and (out / "config.resolved.yaml").is_file()
     assert "shapes:\n  train: 2" in (out / "config.resolved.yaml").read_text()
+
+
+def test_digits_and_shapes_qa_ask_about_the_same_pixels(world: Path) -> None:
+    for split in ("train", "eval"):
+        digits = {
+            r["sklearn_index"]: r
+            for r in map(json.loads, (world / "digits" / split / "manifest.jsonl").read_text().splitlines())
+        }
+        qa = list(wds.WebDataset(str(world / "digits_qa" / split / "digits_qa-000000.tar"), shardshuffle=False))
+        assert len(qa) == len(digits)
+        for sample in qa:
+            meta = json.loads(sample["json"])
+            row = digits[meta["sklearn_index"]]
+            assert sample["png"] == (world / "digits" / split / row["image"]).read_bytes()
+            turns = meta["conversation"]
+            assert turns[0]["content"].endswith("What digit is this?") and turns[1]["content"] == str(row["label"])
+        shapes = list(wds.WebDataset(str(world / "shapes_qa" / split / "shapes_qa-000000.tar"), shardshuffle=False))
+        assert len(shapes) == len(list((world / "shapes" / split).glob("*.png")))
+        for i, sample in enumerate(shapes):
+            facts = json.loads((world / "shapes" / split / f"{i:06d}.json").read_text())
+            assert sample["png"] == (world / "shapes" / split / f"{i:06d}.png").read_bytes()
+            answers = [t["content"] for t in json.loads(sample["json"])["conversation"][1::2]]
+            assert answers == [facts["color"], facts["shape"], str(facts["count"])]
