@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.toy_render import CHART_TITLES, COLORS, DOC_TITLES
+from data_prep.toy_render import CHART_TITLES, COLORS, DOC_TITLES, SHAPES
+from data_prep.toyworld import COLOUR_QUESTION, COUNT_QUESTION, DIGIT_QUESTION, SHAPE_QUESTION
 
-DIGIT_QUESTION = "What digit is this?"
-COLOUR_QUESTION = "What colour is the shape?"
 WHITE_MARGIN = 60
 """A pixel is background when each channel is within this of 255."""
 
@@ -140,17 +139,29 @@ def _chart_questions(toyworld: Path) -> list[Question]:
     return out
 
 
+def _shape_questions(folder: Path) -> list[Question]:
+    """Colour, kind and count of the drawn shapes (the questions the toy world's shapes_qa trains on)."""
+    if not folder.is_dir():
+        return []
+    items = [(json.loads(p.read_text()), p.with_suffix(".png").read_bytes()) for p in sorted(folder.glob("*.json"))]
+    max_count = max((f["count"] for f, _ in items), default=1)  # counts are uniform on 1..max_count
+    out = []
+    for facts, image in items:
+        out += [
+            Question("shape_colour", image, COLOUR_QUESTION, facts["color"], 1 / len(COLORS)),
+            Question("shape_kind", image, SHAPE_QUESTION, facts["shape"], 1 / len(SHAPES)),
+            Question("shape_count", image, COUNT_QUESTION, str(facts["count"]), 1 / max_count),
+        ]
+    return out
+
+
 def load_questions(toyworld: str | Path, max_per_kind: int) -> list[Question]:
     """Held-out questions (eval splits only), at most ``max_per_kind`` of each type, in file order."""
     root = Path(toyworld)
     qs: list[Question] = []
     if (root / "digits" / "eval").is_dir():
         qs += [Question("digit", b, DIGIT_QUESTION, str(y), 0.1) for b, y in read_digits(root, "eval")]
-    shapes = root / "shapes" / "eval"
-    for meta_path in sorted(shapes.glob("*.json")) if shapes.is_dir() else []:
-        facts = json.loads(meta_path.read_text())
-        image = meta_path.with_suffix(".png").read_bytes()
-        qs.append(Question("shape_colour", image, COLOUR_QUESTION, facts["color"], 1 / len(COLORS)))
+    qs += _shape_questions(root / "shapes" / "eval")
     if (root / "charts_docs" / "eval").is_dir():
         qs += _chart_questions(root)
     kept: list[Question] = []

@@ -55,7 +55,8 @@ def test_colour_judge_names_the_drawn_colour() -> None:
 def test_questions_come_from_eval_splits_only(world: Path) -> None:
     qs = load_questions(world, max_per_kind=1000)
     kinds = {q.kind for q in qs}
-    assert {"digit", "shape_colour"} <= kinds and any(k.startswith("chart_doc/") for k in kinds)
+    assert {"digit", "shape_colour", "shape_kind", "shape_count"} <= kinds
+    assert any(k.startswith("chart_doc/") for k in kinds)
     digits = [q for q in qs if q.kind == "digit"]
     assert len(digits) == 180 and all(q.answer in "0123456789" and q.chance == 0.1 for q in digits)
     assert len([q for q in qs if q.kind == "shape_colour"]) == 12
