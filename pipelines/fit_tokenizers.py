@@ -24,6 +24,7 @@ from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, vq_reconstruct
 from model.flavors import get_flavor
 from pipelines.config import parse_job_args, save_resolved, to_flat_dict
 from pipelines.generate import image_grid, to_pil
+from pipelines.judges import judge_colour
 from pipelines.tracking import TrackingConfig, build_tracker
 
 TOY_SOURCES = ("digits", "shapes", "photos")
@@ -41,12 +42,21 @@ class FitOptions:
     """Adam learning rate."""
     batch_size: int = 16
     """Images per step."""
+    foreground_weight: float = 4.0
+    """Extra reconstruction weight on pixels that differ from the image's border colour (0 = plain loss)."""
+    patch_colour_weight: float = 8.0
+    """VQ only: weight of the L2 loss on patch-mean colours (one patch per code); ignored for the VAE."""
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"FitOptions.steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
         if self.lr <= 0:
             raise ValueError(f"FitOptions.lr must be positive, got {self.lr}")
+        if self.foreground_weight < 0 or self.patch_colour_weight < 0:
+            raise ValueError(
+                f"FitOptions.foreground_weight and patch_colour_weight must be >= 0, got "
+                f"{self.foreground_weight}, {self.patch_colour_weight}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -128,13 +138,23 @@ def collect_images(cfg: FitTokenizersConfig) -> dict[str, list[bytes]]:
 
 
 @torch.no_grad()
+def roundtrip(kind: str, tokenizer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pixels through the fitted tokenizer and back (VQ codes; VAE posterior mean), in [-1, 1]."""
+    if kind == "vq":
+        return vq_reconstruct(tokenizer, x)[0].clamp(-1, 1)
+    return tokenizer.decode(tokenizer.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+
+
 def recon_grid(kind: str, tokenizer: torch.nn.Module, x: torch.Tensor):
     """Originals above their reconstructions."""
-    if kind == "vq":
-        recon = vq_reconstruct(tokenizer, x)[0]
-    else:
-        recon = tokenizer.decode(tokenizer.encode(x).latent_dist.mean).sample
-    return image_grid([to_pil(p) for p in torch.cat([x, recon.clamp(-1, 1)])], cols=len(x))
+    return image_grid([to_pil(p) for p in torch.cat([x, roundtrip(kind, tokenizer, x)])], cols=len(x))
+
+
+def colour_kept(kind: str, tokenizer: torch.nn.Module, images: list[bytes], size: int) -> float:
+    """Fraction of shape images whose judged colour survives the round trip through the tokenizer."""
+    x = image_tensor(images, size)
+    recon = roundtrip(kind, tokenizer, x)
+    return sum(judge_colour(to_pil(a)) == judge_colour(to_pil(b)) for a, b in zip(x, recon, strict=True)) / len(x)
 
 
 def fit_one(kind: str, cfg: FitTokenizersConfig, images: dict[str, list[bytes]], tracker) -> dict[str, float]:
@@ -146,9 +166,13 @@ def fit_one(kind: str, cfg: FitTokenizersConfig, images: dict[str, list[bytes]],
         if step % every == 0 or step == opts.steps:
             tracker.log_metrics(metrics, step=step)
 
-    fit = fit_vq if kind == "vq" else fit_vae
     flat = [img for imgs in images.values() for img in imgs]
-    module, stats = fit(flavor, flat, opts.steps, opts.lr, cfg.seed, batch_size=opts.batch_size, log=log)
+    kwargs = {"batch_size": opts.batch_size, "foreground_weight": opts.foreground_weight, "log": log}
+    if kind == "vq":
+        colour = opts.patch_colour_weight
+        module, stats = fit_vq(flavor, flat, opts.steps, opts.lr, cfg.seed, patch_colour_weight=colour, **kwargs)
+    else:
+        module, stats = fit_vae(flavor, flat, opts.steps, opts.lr, cfg.seed, **kwargs)
     out = Path(cfg.out_dir)
     module.save_pretrained(out / kind, safe_serialization=True)
     size = flavor.vq.image_size if kind == "vq" else flavor.flow.image_size
@@ -157,6 +181,8 @@ def fit_one(kind: str, cfg: FitTokenizersConfig, images: dict[str, list[bytes]],
     recon_grid(kind, module, shown).save(grid_path, format="PNG")
     tracker.log_artifact(grid_path)
     metrics = stats.as_metrics(kind)
+    if "shapes" in images:
+        metrics[f"{kind}/shape_colour_kept"] = colour_kept(kind, module, images["shapes"][:64], size)
     tracker.log_metrics(metrics)
     print(
         f"fit_tokenizers: {kind} {stats.steps} steps in {stats.seconds:.0f}s on {len(flat)} images: "
