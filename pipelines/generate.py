@@ -191,10 +191,25 @@ CONFIG = GenerateConfig
 _FLAG_TYPES = {"num": int, "seed": int, "threads": int}
 
 
+def _field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field of a dataclass (the flags' help text)."""
+    import ast
+    import inspect
+    import itertools
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for field_node, doc in itertools.pairwise(body):
+        if isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+            docs[field_node.target.id] = str(doc.value.value)
+    return docs
+
+
 def parse_args(argv: Sequence[str] | None) -> GenerateConfig:
     parser = argparse.ArgumentParser(prog="python -m pipelines.generate", description=__doc__.split("\n\n")[0])
+    helps = _field_docs(GenerateConfig)
     for f in fields(GenerateConfig):
-        parser.add_argument(f"--{f.name}", type=_FLAG_TYPES.get(f.name, str), default=f.default)
+        parser.add_argument(f"--{f.name}", type=_FLAG_TYPES.get(f.name, str), default=f.default, help=helps.get(f.name))
     try:
         return GenerateConfig(**vars(parser.parse_args(argv)))
     except ValueError as exc:
