@@ -26,8 +26,9 @@ class FilterConfig:
     """Reject texts shorter than this many characters (after stripping); 0 disables."""
     max_words: int = 0
     """Reject texts with more words than this; 0 means no limit."""
-    max_chars: int = 0
-    """Reject texts longer than this many characters; 0 means no limit."""
+    max_chars: int = 100_000
+    """Reject texts longer than this many characters; 0 means no limit. The default is far past what a
+    4096-token context trains on: a longer caption is a scraping accident (a page dump), not a caption."""
     min_scores: dict[str, float] = field(default_factory=lambda: {"clip": 0.28})
     """Score name -> lowest kept value (applied when the sample carries the score)."""
     max_scores: dict[str, float] = field(default_factory=lambda: {"watermark": 0.8, "nsfw": 0.5})

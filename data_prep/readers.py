@@ -8,7 +8,9 @@ input yields exactly one record, so counting records counts inputs.
 from __future__ import annotations
 
 import json
+import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,9 @@ from data_prep.sources import IMAGE_FILE_EXTS, SourceConfig, Unit
 IMAGE_CANDIDATES = ("image", "img", "image_path", "jpg", "png")
 WDS_KNOWN = (*IMAGE_FILE_EXTS, "txt", "text", "caption", "json", "cls")
 """Webdataset member types read; any other member is counted as ignored and never decoded (no pickles)."""
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+"""What a damaged tar / gzip stream raises while it is read."""
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 
 @dataclass
@@ -109,8 +114,8 @@ def _read_jsonl(unit: Unit, src: SourceConfig) -> Iterator[RawRecord]:
             except UnicodeDecodeError as exc:
                 yield RawRecord(default_key, location, error=("non_utf8_text", str(exc)))
                 continue
-            except json.JSONDecodeError as exc:
-                yield RawRecord(default_key, location, error=("bad_json", str(exc)))
+            except (ValueError, RecursionError) as exc:  # bad JSON, too deep, an integer past Python's digit cap
+                yield RawRecord(default_key, location, error=("bad_json", f"{type(exc).__name__}: {exc}"))
                 continue
             if not isinstance(row, dict):
                 yield RawRecord(default_key, location, error=("bad_json", f"line is a {type(row).__name__}"))
@@ -118,10 +123,29 @@ def _read_jsonl(unit: Unit, src: SourceConfig) -> Iterator[RawRecord]:
             yield table_record(row, location, default_key, unit.base, src)
 
 
+def _unreadable(unit: Unit, detail: str, reason: str = "corrupt_file") -> RawRecord:
+    """The one input standing for a file that cannot be read at all (named in the ledger)."""
+    tail = unit.path.rsplit("/", 1)[-1]
+    return RawRecord(f"{tail}#unreadable", unit.path, error=(reason, f"{unit.path}: {detail}"))
+
+
 def _read_parquet(unit: Unit, src: SourceConfig) -> Iterator[RawRecord]:
     name = unit.path.rsplit("/", 1)[-1]
-    with fsspec.open(unit.path, "rb") as f:
-        rows = pq.ParquetFile(f).read_row_group(unit.row_group).to_pylist()
+    if unit.error:
+        yield _unreadable(unit, unit.error)
+        return
+    try:
+        with fsspec.open(unit.path, "rb") as f:
+            rows = pq.ParquetFile(f).read_row_group(unit.row_group).to_pylist()
+    except Exception as exc:  # a damaged page or footer: every row of the group is rejected, by location
+        detail = f"row group {unit.row_group}: {type(exc).__name__}: {exc}"
+        for i in range(unit.stop):
+            yield RawRecord(
+                f"{name}:{unit.row_group}:{i}",
+                f"{unit.path}#rg{unit.row_group}:{i}",
+                error=("corrupt_file", f"{unit.path}: {detail}"),
+            )
+        return
     for i, row in enumerate(rows):
         location = f"{unit.path}#rg{unit.row_group}:{i}"
         yield table_record(row, location, f"{name}:{unit.row_group}:{i}", unit.base, src)
@@ -159,6 +183,11 @@ def _merge_json(row: dict[str, Any], data: bytes) -> tuple[str, str] | None:
     return None
 
 
+def unsafe_member_name(name: str) -> bool:
+    """An absolute name, a parent-directory step or a Windows path: never part of a sample we accept."""
+    return name.startswith(("/", "\\")) or "\\" in name or bool(_DRIVE_RE.match(name)) or ".." in name.split("/")
+
+
 def _wds_record(key: str, members: dict[str, bytes], unit: Unit, src: SourceConfig) -> RawRecord:
     rec = RawRecord(source_key=key.rsplit("/", 1)[-1], location=f"{unit.path}:{key}", row={"__key__": key})
     images = [e for e in members if e in IMAGE_FILE_EXTS]
@@ -176,8 +205,13 @@ def _wds_record(key: str, members: dict[str, bytes], unit: Unit, src: SourceConf
     return rec
 
 
-def _read_webdataset(unit: Unit, src: SourceConfig) -> Iterator[RawRecord]:
-    key, members = None, {}
+def _tar_groups(unit: Unit) -> tuple[dict[str, dict[str, bytes]], dict[str, tuple[str, str]], str | None]:
+    """Members grouped by key in order of first appearance, the problem of each bad group, and the error
+    that ended reading early (None when the archive read to its end)."""
+    tail = unit.path.rsplit("/", 1)[-1]
+    groups: dict[str, dict[str, bytes]] = {}
+    problems: dict[str, tuple[str, str]] = {}
+    current: str | None = None
     try:
         with fsspec.open(unit.path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for info in tar:
@@ -185,21 +219,41 @@ def _read_webdataset(unit: Unit, src: SourceConfig) -> Iterator[RawRecord]:
                     continue
                 head, _, base = info.name.rpartition("/")
                 stem, _, ext = base.partition(".")
-                name = f"{head}/{stem}" if head else stem
-                if name != key and key is not None:
-                    yield _wds_record(key, members, unit, src)
-                    members = {}
-                key = name
-                # unknown member types are never read, let alone unpickled
-                members[ext.lower()] = tar.extractfile(info).read() if ext.lower() in WDS_KNOWN else b""
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        if key is not None:
-            yield _wds_record(key, members, unit, src)
-        tail = unit.path.rsplit("/", 1)[-1]
-        yield RawRecord(f"{tail}#unreadable", unit.path, error=("read_error", f"{type(exc).__name__}: {exc}"))
+                key, ext = (f"{head}/{stem}" if head else stem), ext.lower()
+                members = groups.setdefault(key, {})
+                if key != current and members:
+                    problems.setdefault(key, ("ungrouped_members", f"{tail}: members of {key!r} are not contiguous"))
+                elif ext in members:
+                    problems.setdefault(key, ("duplicate_member", f"{tail}: member {info.name!r} appears twice"))
+                if unsafe_member_name(info.name):
+                    problems.setdefault(key, ("unsafe_member_name", f"{tail}: member name {info.name!r}"))
+                current = key
+                # unknown member types and members of rejected groups are never read, let alone unpickled
+                wanted = ext in WDS_KNOWN and key not in problems
+                members[ext] = tar.extractfile(info).read() if wanted else b""
+    except ARCHIVE_ERRORS as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        if current is None:
+            return groups, problems, error
+        # the group being read when the archive broke off may be incomplete: never keep it
+        problems.setdefault(current, ("truncated_archive", f"{tail}: archive ends inside {current!r}: {error}"))
+    return groups, problems, None
+
+
+def _read_webdataset(unit: Unit, src: SourceConfig) -> Iterator[RawRecord]:
+    """Every key of the tar is one input. Groups are held until the archive ends (a unit is materialised by
+    its task anyway), so a key whose members are scattered is found and rejected whole."""
+    groups, problems, error = _tar_groups(unit)
+    if error is not None:
+        yield _unreadable(unit, error, "corrupt_archive")
         return
-    if key is not None:
-        yield _wds_record(key, members, unit, src)
+    for key, members in groups.items():
+        if key in problems:
+            rec = RawRecord(source_key=key.rsplit("/", 1)[-1], location=f"{unit.path}:{key}", error=problems[key])
+            rec.ignored = [e for e in members if e not in WDS_KNOWN]
+            yield rec
+        else:
+            yield _wds_record(key, members, unit, src)
 
 
 def _hf_class_names(base: str) -> dict[str, list[str]]:
@@ -217,8 +271,12 @@ def _hf_class_names(base: str) -> dict[str, list[str]]:
 def _read_hf(unit: Unit, src: SourceConfig) -> Iterator[RawRecord]:
     names = _hf_class_names(unit.base)
     file_name = unit.path.rsplit("/", 1)[-1]
-    with fsspec.open(unit.path, "rb") as f:
-        table = pa.ipc.open_stream(f).read_all()
+    try:
+        with fsspec.open(unit.path, "rb") as f:
+            table = pa.ipc.open_stream(f).read_all()
+    except Exception as exc:  # not an arrow stream, or a damaged one
+        yield _unreadable(unit, f"{type(exc).__name__}: {exc}")
+        return
     label_col = src.label_field or next((c for c in ("label", "cls") if c in table.column_names), None)
     for i, row in enumerate(table.to_pylist()):
         rec = table_record(row, f"{unit.path}#{i}", f"{file_name}:{i}", unit.base, src)

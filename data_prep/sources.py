@@ -94,6 +94,8 @@ class Unit:
     """image_folder: [stem, [member extensions]] pairs."""
     base: str = ""
     """Directory relative image paths resolve against; for folders, the folder."""
+    error: str = ""
+    """Why the file could not even be listed (damaged footer, not the format): the unit is one rejected input."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -150,10 +152,15 @@ def _jsonl_units(src: SourceConfig) -> list[Unit]:
 def _parquet_units(src: SourceConfig) -> list[Unit]:
     units: list[Unit] = []
     for path in list_files(src.path, (".parquet",)):
-        with fsspec.open(path, "rb") as f:
-            n_groups = pq.ParquetFile(f).num_row_groups
-        for rg in range(n_groups):
-            units.append(Unit(src.name, len(units), path, row_group=rg, base=parent_dir(path)))
+        try:
+            with fsspec.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+        except Exception as exc:  # zero bytes, no footer, not parquet: one rejected input, not a failed job
+            units.append(Unit(src.name, len(units), path, base=parent_dir(path), error=f"{type(exc).__name__}: {exc}"))
+            continue
+        for rg in range(meta.num_row_groups):
+            rows = meta.row_group(rg).num_rows
+            units.append(Unit(src.name, len(units), path, stop=rows, row_group=rg, base=parent_dir(path)))
     return units
 
 

@@ -81,7 +81,8 @@ def test_webdataset_plain_tar_and_truncated_tar(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "s-000000.tar").write_bytes(data[: len(data) // 2])
     recs = _records({**spec, "path": str(tmp_path / "b")})
-    assert recs[-1].error[0] == "read_error"  # the unreadable rest is one counted input
+    assert [r.error for r in recs[:-1]] == [None] * (len(recs) - 1)  # whole groups before the cut are kept
+    assert recs[-1].error[0] == "truncated_archive"  # the group cut off is one counted, rejected input
 
 
 def test_hf_disk_class_names(world):
