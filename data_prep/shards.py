@@ -2,11 +2,13 @@
 
 Byte-reproducible: member order is the sample order, then MEMBER_ORDER inside a sample; mtime, uid, gid,
 owner names and modes are fixed. Atomic: a shard is written to ``NAME.tmp`` and renamed into place only once
-complete, so a crash never leaves a half shard under its final name.
+complete, so a crash never leaves a half shard under its final name; a write error (a full disk) removes the
+temporary file and raises an OSError that names the shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -75,24 +77,37 @@ class TarShardWriter:
         if key in self.keys:
             raise SchemaError(f"duplicate key {key!r} in shard {self.path.name}")
         self.keys.add(key)
-        for ext, data in _ordered_fields(record):
+        fields = _ordered_fields(record)
+        for ext, data in fields:
             if not isinstance(data, bytes | bytearray):
                 raise SchemaError(f"sample {key}: field {ext!r} must be bytes, got {type(data).__name__}")
-            self._tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        try:
+            for ext, data in fields:
+                self._tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        except OSError as err:  # a full disk (ENOSPC), a lost mount: say which shard
+            raise OSError(err.errno, err.strerror or str(err), str(self.path)) from err
         self.count += 1
+
+    def _discard(self) -> None:
+        assert self._buf is not None
+        with contextlib.suppress(OSError):  # closing flushes the buffer, which fails again on a full disk
+            self._buf.close()
+        self.tmp_path.unlink(missing_ok=True)
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         assert self._tar is not None and self._buf is not None
+        if exc_type is not None:
+            self._discard()
+            return
         try:
             self._tar.close()
             self._buf.flush()
             os.fsync(self._buf.fileno())
-        finally:
             self._buf.close()
-        if exc_type is None:
-            os.replace(self.tmp_path, self.path)
-        else:
-            self.tmp_path.unlink(missing_ok=True)
+        except OSError as err:
+            self._discard()
+            raise OSError(err.errno, err.strerror or str(err), str(self.path)) from err
+        os.replace(self.tmp_path, self.path)
 
 
 def write_tar(path: str | Path, records: Iterable[Mapping[str, Any]]) -> int:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -73,6 +74,8 @@ class ExecConfig:
     """Fault injection for tests: the task processing this job-wide unit number raises (-1: off)."""
     fail_at_shard: int = -1
     """Fault injection for tests: this job-wide shard number raises after its tar, before its stats (-1: off)."""
+    kill_at_unit: int = -1
+    """Fault drill: the Ray worker processing this job-wide unit number dies by SIGKILL, once (-1: off)."""
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0 or self.scorer_actors < 1:
@@ -164,7 +167,17 @@ def _unit_context(cfg: CurateConfig, work: Path) -> dict[str, Any]:
         "image": cfg.image,
         "work": str(work),
         "fail_at_unit": cfg.exec.fail_at_unit,
+        "kill_at_unit": cfg.exec.kill_at_unit,
     }
+
+
+def kill_worker_once(marker: Path) -> None:
+    """The fault drill: SIGKILL this Ray worker, once (the marker remembers), as an OOM killer or a lost node
+    would; Ray retries the task on another worker."""
+    if marker.exists():
+        return
+    marker.write_text("killed here by the fault drill\n")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _run_units(batch: dict[str, np.ndarray], ctx: dict[str, Any], scorers: list[Any]) -> dict[str, list]:
@@ -172,6 +185,8 @@ def _run_units(batch: dict[str, np.ndarray], ctx: dict[str, Any], scorers: list[
     for text, gid in zip(batch["unit"], batch["gid"], strict=True):
         if int(gid) == ctx["fail_at_unit"]:
             raise InjectedFailure(f"injected failure in job unit {gid}")
+        if int(gid) == ctx["kill_at_unit"]:
+            kill_worker_once(Path(ctx["work"]) / f"fault_killed_unit{gid}")
         unit = Unit.from_json(str(text))
         src = ctx["sources"][unit.source]
         summary = process_unit(unit, src, ctx["image"], ctx["work"], scorers)
@@ -366,9 +381,17 @@ def finish_source(
     return {**manifest, "seconds": seconds}
 
 
+def invalidate_manifests(cfg: CurateConfig) -> None:
+    """A manifest says its folder is complete; from the moment this run may replace shards until it writes
+    its own, no manifest of an earlier run may vouch for the folder (a failed rerun leaves none, not a stale one)."""
+    for src in cfg.sources:
+        (Path(cfg.out_dir) / src.name / "manifest.json").unlink(missing_ok=True)
+
+
 def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
     """The whole DAG on the Ray instance this process is connected to. Returns one result per source."""
     chash = content_config_hash(cfg)
+    invalidate_manifests(cfg)
     work = prepare_work_dir(cfg)
     units = [u for src in cfg.sources for u in list_units(src)]
     summaries = process_all_units(cfg, units, work)
