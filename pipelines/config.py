@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipelines.redact import redact
+
 T = TypeVar("T")
 
 BASE_KEY = "_base_"
@@ -124,7 +126,7 @@ def to_yaml(cfg: Any) -> str:
 
 
 def to_flat_dict(cfg: Any) -> dict[str, Any]:
-    """``{"a.b.c": value}`` for parameter logging; lists are kept as JSON text."""
+    """``{"a.b.c": value}`` for parameter logging; lists are kept as JSON text; secrets masked (pipelines.redact)."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -134,7 +136,8 @@ def to_flat_dict(cfg: Any) -> dict[str, Any]:
         else:
             out[prefix] = json.dumps(node) if isinstance(node, list) else node
 
-    walk("", OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    # masked before lists become JSON text, where a tracker could no longer see a secret-named key
+    walk("", redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)))
     return out
 
 
@@ -144,12 +147,13 @@ def config_hash(cfg: Any) -> str:
 
 
 def save_resolved(cfg: Any, out_dir: str | Path, name: str = RESOLVED_NAME) -> Path:
-    """Write the resolved config next to a job's outputs and return its path."""
+    """Write the resolved config next to a job's outputs and return its path. Secret-named keys and secret
+    environment values are masked (pipelines.redact): the file is logged to MLflow and shared with outputs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / name
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg))
+    tmp.write_text(OmegaConf.to_yaml(redact(to_dict(cfg))))  # logged to MLflow: no secrets
     tmp.replace(target)
     return target
 

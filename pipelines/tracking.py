@@ -8,6 +8,9 @@ carries that key (a restarted training stage continues its run instead of starti
 
 The embedded default store is ``sqlite:///mlflow.db`` (artifacts in ``mlartifacts/`` beside the file);
 ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` points elsewhere (e.g. an ``mlflow server``).
+
+Every backend records params, tags and logged dicts through :mod:`pipelines.redact`: secret-named keys,
+secret environment values and URI passwords never reach MLflow or the JSONL logs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipelines.redact import redact, redact_params, redact_text
 
 PARENT_ENV = "JANUS_PARENT_RUN_ID"
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -68,7 +73,7 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / name
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            p.write_text(json.dumps(redact(obj), indent=2, sort_keys=True, default=str))
             self.log_artifact(p, str(Path(name).parent) if "/" in name else None)
 
     def log_image(self, image: Any, name: str) -> None:
@@ -107,7 +112,7 @@ class JsonlTracker(Tracker):
         self._fh.flush()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._write("params", {"params": dict(params)})
+        self._write("params", {"params": redact_params(params)})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._write("metrics", {"step": step, "metrics": {k: float(v) for k, v in metrics.items()}})
@@ -182,7 +187,7 @@ class MlflowTracker(Tracker):
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(str(k), str(v)[:_PARAM_MAX]) for k, v in params.items()]
+        items = [Param(str(k), str(v)[:_PARAM_MAX]) for k, v in redact_params(params).items()]
         have = self.client.get_run(self.run_id).data.params
         items = [p for p in items if p.key not in have]  # a resumed run keeps its first values
         for i in range(0, len(items), 100):
@@ -209,7 +214,7 @@ class MlflowTracker(Tracker):
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, redact_text(str(v)))
 
     def close(self, status: str = "FINISHED") -> None:
         if not self._closed:
