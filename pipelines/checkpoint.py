@@ -8,11 +8,16 @@ A checkpoint directory holds:
 Every rank writes its own files into a local folder and hands it to ``ray.train.report``; Ray Train merges
 the ranks' files into one checkpoint and registers it only when every rank has reported, so a crash in
 the middle of a save never becomes the latest checkpoint. Keeping K and resuming by run name are Ray's.
+
+DCP itself unpickles: ``.metadata`` with ``pickle.load`` and non-tensor items with ``torch.load(weights_only=
+False)``. Loading goes through :class:`SafeFileSystemReader` (only DCP's own metadata classes may be named)
+and :class:`SafeLoadPlanner` (``weights_only=True``), so a checkpoint we did not write cannot run code.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,6 +41,88 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 STATE_FILE = "trainer_state.json"
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    *(("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+    ("collections", "OrderedDict"),
+}
+"""What DCP's ``.metadata`` pickle may name (besides torch dtypes): its own plain records, nothing callable."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file that would run code or build objects other than tensors and DCP records on load."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader, except that ``.metadata`` is unpickled with an allow-list of DCP's own classes."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, AttributeError, ImportError, EOFError) as exc:
+                raise UnsafeCheckpointError(f"{path}: refused to load: {exc}") from None
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, except that non-tensor items load with ``torch.load(weights_only=True)``."""
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            why = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln), str(exc))
+            raise UnsafeCheckpointError(f"checkpoint item {fqn!r}: refused to load: {why}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def dcp_load(state_dict: dict[str, Any], path: str | Path) -> None:
+    """``dcp.load`` through the safe reader and planner; a refused file raises :class:`UnsafeCheckpointError`
+    (DCP would wrap it into a CheckpointException per rank)."""
+    reader = SafeFileSystemReader(str(path))
+    reader.read_metadata()  # refuse unsafe metadata before DCP reads it and wraps the error
+    try:
+        dcp.load(state_dict, storage_reader=reader, planner=SafeLoadPlanner())
+    except CheckpointException as exc:
+        for failure in exc.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure  # DCP keeps (exception, traceback)
+            if isinstance(inner, UnsafeCheckpointError):
+                raise inner from None
+        raise
 
 
 @dataclass
@@ -107,11 +199,11 @@ def load_checkpoint(
     rank = dist.get_rank() if dist.is_initialized() else 0
     if optimizer is None:
         model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd, **(extra or {})}, checkpoint_id=str(path))
+        dcp_load({"model": model_sd, **(extra or {})}, path)
         set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.load({"model": model_sd, "optim": optim_sd, **(extra or {})}, checkpoint_id=str(path))
+        dcp_load({"model": model_sd, "optim": optim_sd, **(extra or {})}, path)
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
     if scheduler is not None and state.scheduler:
