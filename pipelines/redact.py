@@ -9,6 +9,7 @@ Three rules, applied wherever a tracker or a resolved config writes text:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -71,6 +72,19 @@ def redact(obj: Any) -> Any:
     return _redact_value(obj, secret_env_values())
 
 
+def _redact_json_text(value: Any, secrets: list[str]) -> Any:
+    """A list or mapping logged as JSON text (to_flat_dict does that with lists) is masked inside."""
+    if not isinstance(value, str) or not value.startswith(("[", "{")):
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    masked = _redact_value(parsed, secrets)
+    return value if masked == parsed else json.dumps(masked)
+
+
 def redact_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Flat ``{"a.b.api_key": value}`` parameters, masked the same way."""
-    return redact(dict(params))
+    """Flat ``{"a.b.api_key": value}`` parameters, masked the same way (JSON text values inside too)."""
+    secrets = secret_env_values()
+    return _redact_value({k: _redact_json_text(v, secrets) for k, v in params.items()}, secrets)
