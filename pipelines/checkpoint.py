@@ -8,6 +8,10 @@ A checkpoint directory holds:
 Every rank writes its own files into a local folder and hands it to ``ray.train.report``; Ray Train merges
 the ranks' files into one checkpoint and registers it only when every rank has reported, so a crash in
 the middle of a save never becomes the latest checkpoint. Keeping K and resuming by run name are Ray's.
+Ray registers a checkpoint only when its controller next polls the workers, though: a job killed in that
+window loses a checkpoint that is complete in storage. So a restarted stage resumes from
+:func:`latest_complete_checkpoint`, the newest folder whose files are all there at the lengths the DCP
+metadata records (Ray's registered checkpoint is always among them).
 
 DCP itself unpickles: ``.metadata`` with ``pickle.load`` and non-tensor items with ``torch.load(weights_only=
 False)``. Loading goes through :class:`SafeFileSystemReader` (only DCP's own metadata classes may be named)
@@ -159,6 +163,36 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _json_safe_scheduler(sched: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
     # LambdaLR keeps its lambdas out of state_dict (as None entries); everything else is numbers.
     return json.loads(json.dumps(sched.state_dict(), default=lambda _: None))
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a complete checkpoint folder: every file its ranks write is there, and every tensor and
+    item the DCP metadata lists lies within its file; None for a partial (or foreign) folder."""
+    path = Path(path)
+    try:
+        metadata = SafeFileSystemReader(str(path)).read_metadata()
+        state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError, UnsafeCheckpointError):
+        return None
+    if not all((path / f"rng_rank{r}.json").is_file() for r in range(state.world_size)):
+        return None
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in ends.items():
+        if not (path / name).is_file() or (path / name).stat().st_size < end:
+            return None
+    return state.step
+
+
+def latest_complete_checkpoint(folder: str | Path, pattern: str = "checkpoint_*") -> Path | None:
+    """The complete checkpoint of the highest step under ``folder`` (Ray's run folder), or None."""
+    best: tuple[int, str] | None = None
+    for path in Path(folder).glob(pattern):
+        step = checkpoint_step(path) if path.is_dir() else None
+        if step is not None and (best is None or (step, path.name) > best):
+            best = (step, path.name)
+    return Path(folder) / best[1] if best else None
 
 
 def save_checkpoint(

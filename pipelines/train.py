@@ -113,6 +113,7 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
         "init_weights": str(init) if init else None,
         "samples_per_rank": n // workers,
         "stage_dir": str(stage_dir(cfg, stage)),
+        "driver_pgid": os.getpgrp(),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -108,10 +108,13 @@ class FaultConfig:
     """Which rank dies."""
     stage: str = "I"
     """In which stage."""
+    kill_job_during_save_at_step: int = 0
+    """The whole job dies by SIGKILL (the driver's process group) in the middle of this step's checkpoint save:
+    the other ranks' files are in storage, half of kill_rank's shard is, the checkpoint is not registered. 0 = off."""
 
     def __post_init__(self) -> None:
-        if self.kill_at_step < 0 or self.kill_rank < 0:
-            raise ValueError(f"fault.kill_at_step and fault.kill_rank must be >= 0 ({self})")
+        if self.kill_at_step < 0 or self.kill_rank < 0 or self.kill_job_during_save_at_step < 0:
+            raise ValueError(f"fault.kill_at_step, kill_rank and kill_job_during_save_at_step must be >= 0 ({self})")
 
 
 @dataclass(kw_only=True)

@@ -8,6 +8,7 @@ the full weights that the next stage starts from.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -31,7 +32,13 @@ from model.flops import flops_per_batch
 from model.freeze import apply_freeze
 from model.janusflow_task import apply_ema_update, build_ema
 from model.tokenizer import load_tokenizer
-from pipelines.checkpoint import TrainState, full_model_state_dict, load_checkpoint, save_checkpoint
+from pipelines.checkpoint import (
+    TrainState,
+    full_model_state_dict,
+    latest_complete_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipelines.config import config_from_dict
 from pipelines.parallelize import apply_parallelism, build_device_mesh
 from pipelines.stage_outputs import (
@@ -287,7 +294,7 @@ class StageRunner:
             export = export_stage_model(model, self.family, tokenizer, self.out_dir / "export", ema_full)
             tracker.log_artifact(export, "model")
 
-    def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
+    def report(self, metrics: dict[str, float], checkpoint: bool, driver_pgid: int = 0) -> None:
         """``ray.train.report`` from every rank; with a checkpoint, each rank hands over its own files."""
         import ray.train
 
@@ -296,7 +303,26 @@ class StageRunner:
             return
         with tempfile.TemporaryDirectory(prefix="janus-ckpt-") as tmp:
             save_checkpoint(tmp, self.task, self.optimizer, self.scheduler, self.state, self.extra_state())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            upload = self._fault_upload(driver_pgid)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload)
+
+    def _fault_upload(self, driver_pgid: int) -> Callable[..., Any] | None:
+        """The upload that kills the whole job mid-save, when the fault drill says so (once: a marker remembers)."""
+        fault = self.cfg.fault
+        step = self.state.step
+        if (fault.stage, fault.kill_rank, fault.kill_job_during_save_at_step) != (self.stage, self.rank, step):
+            return None
+        marker = self.out_dir / f"fault_job_killed_during_save_step{step}"
+        if marker.exists() or not driver_pgid:
+            return None
+        return functools.partial(
+            kill_job_mid_upload,
+            dest_root=self.out_dir,
+            rank=self.rank,
+            world=self.world,
+            pgid=driver_pgid,
+            marker=marker,
+        )
 
 
 def _throughput(raw: dict[str, float], world: int, global_batch: int, peak: float | None = None) -> dict[str, float]:
@@ -331,9 +357,49 @@ def maybe_inject_fault(cfg: TrainConfig, stage: str, rank: int, step: int, stage
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def resume_from(runner: StageRunner, registered: Any) -> None:
+    """Restore the newest complete checkpoint: the one in the run folder (rank 0 looks, every rank follows)
+    or Ray's registered one when the run folder is not on a shared filesystem (collective)."""
+    choice: list[str | None] = [None]
+    if runner.rank == 0 and runner.out_dir.is_dir():
+        found = latest_complete_checkpoint(runner.out_dir)
+        choice[0] = str(found) if found is not None else None
+    if runner.world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is not None:
+        if registered is not None and Path(registered.path).name != Path(choice[0]).name and runner.rank == 0:
+            print(f"resume: {Path(choice[0]).name} is complete but was not registered by Ray; resuming from it")
+        runner.restore(choice[0])
+    elif registered is not None:
+        with registered.as_directory() as path:
+            runner.restore(path)
+
+
+def kill_job_mid_upload(
+    checkpoint: Any, dir_name: str, *, dest_root: Path, rank: int, world: int, pgid: int, marker: Path
+) -> None:
+    """Fault drill (a ``checkpoint_upload_fn``): wait until the other ranks' files of this checkpoint are in
+    storage, copy half of this rank's shard beside them, then SIGKILL the driver's process group and this worker:
+    the job dies in the middle of a save, as on a lost head node."""
+    dest = dest_root / dir_name
+    others = [f"__{r}_0.distcp" for r in range(world) if r != rank] + ([".metadata"] if rank != 0 else [])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all((dest / name).is_file() for name in others):
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the last of their files finish
+    own = Path(checkpoint.path) / f"__{rank}_0.distcp"
+    data = own.read_bytes()
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / own.name).write_bytes(data[: len(data) // 2])
+    marker.write_text(f"job killed while saving {dir_name}\n")
+    print(f"fault drill: killing the job (process group {pgid}) while saving {dir_name}", flush=True)
+    os.killpg(pgid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train entry point: ``loop`` = {"cfg": resolved TrainConfig dict, "stage", "init_weights",
-    "samples_per_rank", "stage_dir"}."""
+    "samples_per_rank", "stage_dir", "driver_pgid" (the fault drill's target)}."""
     import ray.train
     import ray.train.torch
 
@@ -342,10 +408,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     runner = StageRunner(
         cfg, stage, device=ray.train.torch.get_device(), init_weights=loop["init_weights"], stage_dir=loop["stage_dir"]
     )
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            runner.restore(path)
+    resume_from(runner, ray.train.get_checkpoint())
     scfg = runner.scfg
     shard = ray.train.get_dataset_shard("train")
     batches = iterate_samples(shard, runner.micro, runner.state.samples_seen, int(loop["samples_per_rank"]))
@@ -369,7 +432,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 tracker.log_metrics(metrics, step=step)
             last = step == scfg.steps
             if last or step % cfg.checkpoint.every_steps == 0:
-                runner.report({"step": step, "loss": metrics["loss"]}, checkpoint=True)
+                runner.report({"step": step, "loss": metrics["loss"]}, True, int(loop.get("driver_pgid", 0)))
             if cfg.sample_every and step % cfg.sample_every == 0 and not last:
                 runner.publish(tracker, final=False)
             maybe_inject_fault(cfg, stage, runner.rank, step, runner.out_dir)
