@@ -205,10 +205,12 @@ def write_shapes(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
 
 def write_shapes_qa(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
     """The shapes of each split (the same random stream, so the same pixels as ``shapes/``) with questions
-    about their colour, kind and count."""
+    about their colour, kind and count, in a seeded order per image (a fixed order would let a model answer
+    by the turn's position instead of the question)."""
     counts = {}
     for split in SPLITS:
         rng = _rng(cfg.seed, "shapes", split)
+        order_rng = _rng(cfg.seed, "shapes_qa", split)
         records = []
         for i in range(getattr(cfg.shapes, split)):
             img, facts = toy_render.render_shapes(rng, cfg.image_size, cfg.shapes_max_count)
@@ -217,6 +219,7 @@ def write_shapes_qa(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
                 (SHAPE_QUESTION, facts["shape"]),
                 (COUNT_QUESTION, str(facts["count"])),
             ]
+            qas = [qas[k] for k in order_rng.permutation(len(qas))]
             records.append(_qa_record(f"{split}_{i:06d}", img, facts, qas))
         (root / split).mkdir(parents=True, exist_ok=True)
         write_tar(root / split / "shapes_qa-000000.tar", records)

@@ -138,8 +138,15 @@ def test_digits_and_shapes_qa_ask_about_the_same_pixels(world: Path) -> None:
             assert turns[0]["content"].endswith("What digit is this?") and turns[1]["content"] == str(row["label"])
         shapes = list(wds.WebDataset(str(world / "shapes_qa" / split / "shapes_qa-000000.tar"), shardshuffle=False))
         assert len(shapes) == len(list((world / "shapes" / split).glob("*.png")))
+        first_questions = set()
         for i, sample in enumerate(shapes):
             facts = json.loads((world / "shapes" / split / f"{i:06d}.json").read_text())
             assert sample["png"] == (world / "shapes" / split / f"{i:06d}.png").read_bytes()
-            answers = [t["content"] for t in json.loads(sample["json"])["conversation"][1::2]]
-            assert answers == [facts["color"], facts["shape"], str(facts["count"])]
+            turns = json.loads(sample["json"])["conversation"]
+            expected = {"What colour is the shape?": facts["color"], "What shape is it?": facts["shape"],
+                        "How many shapes are there?": str(facts["count"])}
+            asked = {q["content"].split("\n")[-1]: a["content"] for q, a in zip(turns[0::2], turns[1::2])}
+            assert asked == expected and turns[0]["content"].startswith("<image>\n")
+            first_questions.add(turns[0]["content"])
+        if len(shapes) >= 10:  # the order varies, so no answer can be told by its turn's position
+            assert len(first_questions) == 3
