@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_prep.dedup import DedupConfig, find_duplicates
@@ -266,27 +268,41 @@ def load_small_table(work: Path, units: list[Unit]) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({c: [] for c in SMALL_COLUMNS})
 
 
-def decide(small: pa.Table, cfg: CurateConfig) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
-    """Global dedup. Returns the rows of every kept sample and, per source, its reject ledger rows."""
-    rows = small.to_pylist()
-    cands = [r for r in rows if r["reason"] is None]
+KEPT_COLUMNS = ["source", "unit", "pos", "key", "tar_bytes"]
+"""What shard planning needs of each kept sample."""
+
+
+def decide(small: pa.Table, cfg: CurateConfig) -> tuple[pa.Table, dict[str, list[dict]]]:
+    """Global dedup. Returns the kept samples (KEPT_COLUMNS, job order) and, per source, its reject ledger rows.
+
+    Column-wise: only rejected inputs become Python dicts (a dict per sample made the driver's memory grow
+    with the corpus, ~1.5 kB a sample)."""
+    rejects: dict[str, list[dict]] = {s.name: [] for s in cfg.sources}
+    if small.num_rows == 0:
+        return pa.table(
+            {c: pa.array([], pa.string() if c in ("source", "key") else pa.int64()) for c in KEPT_COLUMNS}
+        ), rejects
+    keep = np.array(pc.is_null(small["reason"]).to_numpy(zero_copy_only=False), dtype=bool)
+    cand = np.flatnonzero(keep)
+    cands = small.select(["key", "content_hash", "phash", "source"]).take(pa.array(cand))
     joins = {s.name: s.dedup for s in cfg.sources}
     dups = find_duplicates(
-        [r["key"] for r in cands],
-        [r["content_hash"] for r in cands],
-        [r["phash"] for r in cands],
+        cands["key"].to_pylist(),
+        cands["content_hash"].to_pylist(),
+        cands["phash"].to_pylist(),
         cfg.dedup,
-        [joins[r["source"]] for r in cands],
+        [joins[name] for name in cands["source"].to_pylist()],
     )
-    for r, dup in zip(cands, dups, strict=True):
-        r["duplicate"] = dup
-    rejects: dict[str, list[dict]] = {s.name: [] for s in cfg.sources}
-    kept = []
-    for r in rows:
-        dup = r.get("duplicate")
-        if r["reason"] is None and dup is None:
-            kept.append(r)
-            continue
+    del cands
+    duplicate: dict[int, tuple[str, str]] = {}
+    for i, dup in zip(cand.tolist(), dups, strict=True):
+        if dup is not None:
+            keep[i] = False
+            duplicate[i] = dup
+    dropped = np.flatnonzero(~keep)
+    ledger = small.select(["location", "key", "source_key", "reason", "detail", "source"]).take(pa.array(dropped))
+    for i, r in zip(dropped.tolist(), ledger.to_pylist(), strict=True):
+        dup = duplicate.get(i)
         reason, detail, dup_of = (dup[0], "", dup[1]) if dup else (r["reason"], r["detail"] or "", None)
         rejects[r["source"]].append(
             {
@@ -298,27 +314,26 @@ def decide(small: pa.Table, cfg: CurateConfig) -> tuple[list[dict[str, Any]], di
                 "duplicate_of": dup_of,
             }
         )
-    return kept, rejects
+    return small.select(KEPT_COLUMNS).filter(pa.array(keep)), rejects
 
 
-def shard_specs(cfg: CurateConfig, kept: list[dict[str, Any]], chash: str) -> list[dict[str, Any]]:
+def shard_specs(cfg: CurateConfig, kept: pa.Table, chash: str) -> list[dict[str, Any]]:
     specs: list[dict[str, Any]] = []
     for src in cfg.sources:
-        rows = [r for r in kept if r["source"] == src.name]
-        for index, (start, stop) in enumerate(plan_shards([r["tar_bytes"] for r in rows], cfg.shards)):
-            part = rows[start:stop]
-            members: list[list] = []
-            for r in part:
-                if not members or members[-1][0] != r["unit"]:
-                    members.append([r["unit"], []])
-                members[-1][1].append(r["pos"])
+        rows = kept.filter(pc.equal(kept["source"], src.name))
+        units = rows["unit"].to_numpy()
+        positions = rows["pos"].to_numpy()
+        for index, (start, stop) in enumerate(plan_shards(rows["tar_bytes"].to_pylist(), cfg.shards)):
+            unit, pos = units[start:stop], positions[start:stop]
+            cuts = [0, *(np.flatnonzero(np.diff(unit)) + 1).tolist(), len(unit)]
+            members = [[int(unit[a]), pos[a:b].tolist()] for a, b in itertools.pairwise(cuts)]
             specs.append(
                 {
                     "source": src.name,
                     "index": index,
                     "members": members,
                     "config_hash": chash,
-                    "keys_digest": keys_digest(r["key"] for r in part),
+                    "keys_digest": keys_digest(rows["key"].slice(start, stop - start).to_pylist()),
                     "fail": len(specs) == cfg.exec.fail_at_shard,
                 }
             )
