@@ -33,7 +33,7 @@ from data_prep.imaging import (
     text_hash,
 )
 from data_prep.readers import RawRecord, read_unit
-from data_prep.schema import Sample, SampleMeta, encode_sample, image_sha256, make_key
+from data_prep.schema import SampleMeta, image_sha256, make_key
 from data_prep.sources import SourceConfig, Unit
 from data_prep.validate import Fields, map_fields
 
@@ -141,8 +141,14 @@ def finish_candidate(cand: Candidate, src: SourceConfig) -> dict[str, Any]:
         scores=dict(sorted(f.scores.items())),
         extra=f.extra,
     )
-    sample = Sample(key=row["key"], meta=meta, image=cand.stored, image_ext=row["image_ext"], text=f.text)
-    row.update(image=cand.stored, text=f.text, meta=meta.to_json(), tar_bytes=tar_size(encode_sample(sample)))
+    # the staged meta bytes are the tar's json member as is: the writer never re-encodes them
+    meta_json = meta.to_json()
+    members = {"json": meta_json}
+    if cand.stored is not None:
+        members[row["image_ext"]] = cand.stored
+    if f.text is not None:
+        members["txt"] = f.text.encode("utf-8")
+    row.update(image=cand.stored, text=f.text, meta=meta_json, tar_bytes=tar_size(members))
     return row
 
 
@@ -158,6 +164,14 @@ def process_records(
     records: list[RawRecord], src: SourceConfig, image_cfg: ImageConfig, unit: int, scorers: list[Any] = ()
 ) -> list[dict[str, Any]]:
     """All of a unit's records -> staging rows in input order."""
+    if not scorers:
+        # finish each sample at once: its decoded pixels are freed while hot instead of a unit's worth
+        # (tens of MB) being held for scorers that are not there
+        rows = []
+        for pos, r in enumerate(records):
+            p = prepare_record(r, src, image_cfg, unit, pos)
+            rows.append(finish_candidate(p, src) if isinstance(p, Candidate) else p)
+        return rows
     prepared = [prepare_record(r, src, image_cfg, unit, pos) for pos, r in enumerate(records)]
     cands = [p for p in prepared if isinstance(p, Candidate)]
     apply_scorers(cands, list(scorers))

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.process import staging_path
-from data_prep.schema import SCHEMA_VERSION, Sample, SampleMeta, encode_sample
+from data_prep.schema import KEY_FIELD, META_EXT, SCHEMA_VERSION, TEXT_EXT
 from data_prep.shards import TarShardWriter, shard_name
 
 TAR_RECORD = 10240  # tarfile pads archives to 20 blocks of 512 bytes
@@ -114,29 +114,41 @@ def _load_rows(work_dir: str, source: str, members: Sequence[tuple[int, Sequence
     for unit, positions in members:
         path = staging_path(work_dir, source, unit)
         table = pq.read_table(path, columns=["pos", "key", "image", "image_ext", "text", "meta"])
-        by_pos = {r["pos"]: r for r in table.to_pylist()}
-        rows.extend(by_pos[p] for p in positions)
+        by_pos = {p: i for i, p in enumerate(table.column("pos").to_pylist())}
+        picked = table.take([by_pos[p] for p in positions])
+        rows.extend(picked.to_pylist())
     return rows
 
 
-def _meta_row(key: str, meta: SampleMeta, sample: Sample) -> dict[str, Any]:
+def _meta_row(row: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     return {
-        "key": key,
-        "source": meta.source,
-        "source_key": meta.source_key,
-        "task": meta.task,
-        "width": meta.width,
-        "height": meta.height,
-        "sha256": meta.sha256,
-        "phash": meta.phash,
-        "label": meta.label,
-        "class_name": meta.class_name,
-        "image_ext": sample.image_ext,
-        "image_bytes": len(sample.image) if sample.image is not None else 0,
-        "text": sample.text,
-        "scores": json.dumps(meta.scores, sort_keys=True),
-        "meta": meta.to_json().decode(),
+        "key": row["key"],
+        "source": meta["source"],
+        "source_key": meta["source_key"],
+        "task": meta["task"],
+        "width": meta["width"],
+        "height": meta["height"],
+        "sha256": meta["sha256"],
+        "phash": meta["phash"],
+        "label": meta["label"],
+        "class_name": meta["class_name"],
+        "image_ext": row["image_ext"],
+        "image_bytes": len(row["image"]) if row["image"] is not None else 0,
+        "text": row["text"],
+        "scores": json.dumps(meta["scores"], sort_keys=True),
+        "meta": row["meta"].decode(),
     }
+
+
+def _record(row: dict[str, Any]) -> dict[str, Any]:
+    """A staging row -> the tar record (what schema.encode_sample gives for it; the meta bytes as staged)."""
+    record: dict[str, Any] = {KEY_FIELD: row["key"]}
+    if row["image"] is not None:
+        record[row["image_ext"]] = row["image"]
+    if row["text"] is not None:
+        record[TEXT_EXT] = row["text"].encode("utf-8")
+    record[META_EXT] = row["meta"]
+    return record
 
 
 def write_shard(spec: dict[str, Any], work_dir: str, out_dir: str) -> dict[str, Any]:
@@ -153,10 +165,8 @@ def write_shard(spec: dict[str, Any], work_dir: str, out_dir: str) -> dict[str, 
     meta_rows = []
     with TarShardWriter(tar_path) as writer:
         for row in rows:
-            meta = SampleMeta.from_json(row["meta"])
-            sample = Sample(key=row["key"], meta=meta, image=row["image"], image_ext=row["image_ext"], text=row["text"])
-            writer.write(encode_sample(sample))
-            meta_rows.append(_meta_row(row["key"], meta, sample))
+            writer.write(_record(row))
+            meta_rows.append(_meta_row(row, json.loads(row["meta"])))
     atomic_write_parquet(folder / shard_name(source, index, "parquet"), pa.Table.from_pylist(meta_rows))
     stats = {
         "shard": tar_path.name,
