@@ -61,6 +61,9 @@ def resolve_path(value: str, base: str) -> str:
 
 def read_bytes(path: str) -> tuple[bytes | None, tuple[str, str] | None]:
     try:
+        if "://" not in path and "::" not in path:  # a local file: fsspec's per-call set-up costs more than the read
+            with open(path, "rb") as f:
+                return f.read(), None
         with fsspec.open(path, "rb") as f:
             return f.read(), None
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
