@@ -2,7 +2,7 @@
 
 - Understanding: held-out questions of the toy world's eval splits (digit identity, shape colour, chart and
   document questions), greedy answers, exact normalised match; accuracy per question type, its chance level
-  and the ratio to chance.
+  and the ratio to chance, and ``understanding/all``: the mean over question types of accuracy and of chance.
 - Generation, graded by independent judges (pipelines/judges.py): images for "a handwritten digit K" graded
   by a classifier trained on real held-out digits (its own accuracy on unseen real digits is reported too),
   and images for "a {colour} {shape} in the center" graded by their dominant colour.
@@ -103,14 +103,27 @@ def evaluate_understanding(cfg: EvalConfig, lm: LoadedModel) -> tuple[dict[str, 
         if q.chance is not None:
             chances[q.kind].append(q.chance)
         records.append({"kind": q.kind, "question": q.question, "expected": q.answer, "answer": got, "correct": ok})
-    charts = [k for k in by_kind if k.startswith("chart_doc/")]
-    if charts:  # every chart/document question together
-        by_kind["chart_doc"] = [ok for k in charts for ok in by_kind[k]]
-        chances["chart_doc"] = [c for k in charts for c in chances.get(k, [])]
+    graded = [
+        (ok, q.chance)
+        for q, ok in zip(questions, (r["correct"] for r in records), strict=True)
+        if q.kind.startswith("chart_doc/") and q.chance is not None
+    ]
+    if graded:  # every chart/document question with a known chance (open answers such as a total stay apart)
+        by_kind["chart_doc"] = [ok for ok, _ in graded]
+        chances["chart_doc"] = [c for _, c in graded]
     results = {}
     for kind, oks in sorted(by_kind.items()):
         cs = chances.get(kind)
         results[kind] = _summary(oks, sum(cs) / len(cs) if cs and len(cs) == len(oks) else None)
+    top = [r for kind, r in results.items() if "/" not in kind and r["chance"] is not None]
+    if top:  # every question type weighs the same, whatever its count
+        acc, chance = (sum(r[k] for r in top) / len(top) for k in ("accuracy", "chance"))
+        results["all"] = {
+            "n": sum(r["n"] for r in top),
+            "accuracy": acc,
+            "chance": chance,
+            "ratio_to_chance": acc / chance,
+        }
     return results, records
 
 
