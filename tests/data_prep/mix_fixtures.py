@@ -21,6 +21,7 @@ from data_prep.shards import shard_name, write_tar
 KIND_TASK = {"class_label": "class_label", "synthetic_aesthetic": "t2i", "chart_doc": "chart_doc",
              "caption": "caption", "text": "text", "sft_multimodal": "sft"}
 TOY_SOURCES = {"digits": ("class_label", 60), "shapes": ("synthetic_aesthetic", 80),
+               "digits_qa": ("sft_multimodal", 40), "shapes_qa": ("sft_multimodal", 40),
                "charts_docs": ("chart_doc", 50), "photos": ("caption", 30), "text": ("text", 70)}
 """The toy world's curated source names, kinds and (small) sizes."""
 
@@ -69,7 +70,7 @@ def write_source(root: Path, name: str, kind: str, n: int, per_shard: int = 25) 
 
 
 def write_toy_curated(root: Path, sizes: dict[str, int] | None = None) -> Path:
-    """The toy world's five curated sources (small), as the shipped toy recipes expect them."""
+    """The toy world's curated sources (small), as the shipped toy recipes expect them."""
     for name, (kind, n) in TOY_SOURCES.items():
         write_source(root, name, kind, (sizes or {}).get(name, n))
     return root
