@@ -158,8 +158,17 @@ def _ensure_ray() -> bool:
     return True
 
 
+def _absolute_model_paths(cfg: TrainConfig) -> None:
+    """Workers run in their own directories: relative weight/tokenizer paths are the driver's, made absolute."""
+    for name in ("path", "vq_path", "vae_path"):
+        value = getattr(cfg.model, name)
+        if value and "://" not in value and not Path(value).is_absolute():
+            setattr(cfg.model, name, str(Path(value).resolve()))
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Path]:
     cfg.tracking.uri = _absolute_sqlite(resolve_uri(cfg.tracking))
+    _absolute_model_paths(cfg)
     out = {}
     started = _ensure_ray()
     try:
