@@ -1,13 +1,16 @@
 """The embedded default, end to end on one machine: ``python -m pipelines.demo --config configs/demo.yaml``.
 
 One local Ray instance and one MLflow parent run for the whole pipeline: build the toy world, curate it,
-mix the stage shards, train the three stages, and print where everything went. Every step is the job a
-user would run by hand (its ``main`` with the recipe and the demo's overrides), so the demo exercises the
-real CLIs. Paths are relative to the working directory: everything lands under ``outputs/``.
+fit the debug VQ (Janus-Pro) and VAE (JanusFlow) on the toy images, and per family mix the stage shards,
+train the three stages and evaluate the last one; then print a summary table and where everything went.
+Every step is the job a user would run by hand (its ``main`` with the recipe and the demo's overrides), so
+the demo exercises the real CLIs. Paths are relative to the working directory: everything lands under
+``outputs/``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.toyworld import ToyWorldConfig, build_toyworld
-from pipelines.config import parse_job_args, save_resolved, to_flat_dict
+from pipelines.config import load_config, parse_job_args, save_resolved, to_flat_dict
 from pipelines.tracking import TrackingConfig, build_tracker, pipeline_run, resolve_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +35,8 @@ class DemoConfig:
     """Toy-world sizes and seed (written to outputs/toyworld)."""
     curate_recipe: str = "configs/data/curate_toyworld.yaml"
     """Curation recipe (relative paths are looked up in the repository)."""
+    fit_recipe: str = "configs/data/fit_tokenizers_toy.yaml"
+    """Tokenizer fitting recipe: the VQ is fitted when janus_pro trains, the VAE when janusflow does."""
     mix_recipes: dict[str, str] = field(
         default_factory=lambda: {
             "janus_pro": "configs/data/mix_toy_janus_pro.yaml",
@@ -46,12 +51,18 @@ class DemoConfig:
         }
     )
     """Training recipe per family."""
+    eval_recipe: str = "configs/eval_toy.yaml"
+    """Evaluation recipe (checkpoint, VAE and output folder are set per family by the demo)."""
     curate_overrides: list[str] = field(default_factory=list)
     """Extra key=value overrides for the curation job."""
     mix_overrides: list[str] = field(default_factory=list)
     """Extra key=value overrides for the mix jobs."""
+    fit_overrides: list[str] = field(default_factory=list)
+    """Extra key=value overrides for the tokenizer fitting job (e.g. fewer steps)."""
     train_overrides: list[str] = field(default_factory=list)
     """Extra key=value overrides for the training jobs (e.g. fewer steps)."""
+    eval_overrides: list[str] = field(default_factory=list)
+    """Extra key=value overrides for the evaluation jobs (e.g. fewer questions)."""
     ray_num_cpus: int = 0
     """CPUs of the local Ray instance; 0 = all of this machine's."""
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(uri="sqlite:///outputs/mlflow.db"))
@@ -85,9 +96,36 @@ def _run_job(main: Callable[[Sequence[str]], int], recipe: str, overrides: list[
         raise RuntimeError(f"{main.__module__} exited with status {status}")
 
 
+def tokenizer_dir(cfg: DemoConfig) -> Path:
+    return Path(cfg.out_dir) / "tokenizers"
+
+
+def eval_dir(cfg: DemoConfig, family: str) -> Path:
+    return Path(cfg.out_dir) / "eval" / family
+
+
+def family_train_args(cfg: DemoConfig, family: str) -> list[str]:
+    """The training job's overrides: the demo's, after the fitted tokenizer of the family."""
+    fitted = (
+        f"model.vq_path={tokenizer_dir(cfg) / 'vq'}"
+        if family == "janus_pro"
+        else (f"model.vae_path={tokenizer_dir(cfg) / 'vae'}")
+    )
+    return [*_tracking_overrides(cfg), fitted, *cfg.train_overrides]
+
+
+def final_checkpoint(cfg: DemoConfig, family: str) -> Path:
+    """Where the family's training job publishes the last stage's weights."""
+    from pipelines.train import stage_dir
+    from pipelines.train_config import TrainConfig
+
+    train_cfg = load_config(TrainConfig, recipe_path(cfg.train_recipes[family]), family_train_args(cfg, family))
+    return stage_dir(train_cfg, train_cfg.stages[-1]) / "final"
+
+
 def demo_steps(cfg: DemoConfig) -> list[tuple[str, Callable[[], object]]]:
     """The pipeline as (name, thunk) pairs, in order."""
-    from pipelines import curate, mix, train
+    from pipelines import curate, evaluate, fit_tokenizers, mix, train
 
     track = _tracking_overrides(cfg)
 
@@ -97,16 +135,61 @@ def demo_steps(cfg: DemoConfig) -> list[tuple[str, Callable[[], object]]]:
             tracker.log_params(to_flat_dict(cfg.toyworld))
             tracker.log_artifact(world / "toyworld.json")
 
+    fit_args = [
+        *track,
+        f"out_dir={tokenizer_dir(cfg)}",
+        f"toyworld_dir={cfg.toyworld.out_dir}",
+        f"vq.enabled={'janus_pro' in cfg.families}",
+        f"vae.enabled={'janusflow' in cfg.families}",
+        *cfg.fit_overrides,
+    ]
     steps: list[tuple[str, Callable[[], object]]] = [
         ("toyworld", toyworld),
         ("curate", lambda: _run_job(curate.main, cfg.curate_recipe, [*track, *cfg.curate_overrides])),
+        ("fit_tokenizers", lambda: _run_job(fit_tokenizers.main, cfg.fit_recipe, fit_args)),
     ]
     mix_args = [*track, *cfg.mix_overrides]
-    train_args = [*track, *cfg.train_overrides]
     for family in cfg.families:
-        steps.append((f"mix/{family}", lambda f=family: _run_job(mix.main, cfg.mix_recipes[f], mix_args)))
-        steps.append((f"train/{family}", lambda f=family: _run_job(train.main, cfg.train_recipes[f], train_args)))
+        eval_args = [
+            *track,
+            f"checkpoint={final_checkpoint(cfg, family)}",
+            f"toyworld_dir={cfg.toyworld.out_dir}",
+            f"out_dir={eval_dir(cfg, family)}",
+            f"family={family}",
+            *([f"vae_path={tokenizer_dir(cfg) / 'vae'}"] if family == "janusflow" else []),
+            *cfg.eval_overrides,
+        ]
+        train_args = family_train_args(cfg, family)
+        steps += [
+            (f"mix/{family}", lambda f=family: _run_job(mix.main, cfg.mix_recipes[f], mix_args)),
+            (f"train/{family}", lambda f=family, a=train_args: _run_job(train.main, cfg.train_recipes[f], a)),
+            (f"evaluate/{family}", lambda a=eval_args: _run_job(evaluate.main, cfg.eval_recipe, a)),
+        ]
     return steps
+
+
+def evaluation_results(cfg: DemoConfig) -> dict[str, dict[str, dict]]:
+    """family -> metric -> {n, accuracy, chance, ratio_to_chance} from each family's eval.json."""
+    out = {}
+    for family in cfg.families:
+        report = eval_dir(cfg, family) / "eval.json"
+        if report.is_file():
+            out[family] = json.loads(report.read_text())["results"]
+    return out
+
+
+def summary_table(results: dict[str, dict[str, dict]]) -> str:
+    """One row per (family, metric): accuracy against chance."""
+    rows = [(f, name, r) for f, metrics in results.items() for name, r in metrics.items()]
+    if not rows:
+        return "(no evaluation results)"
+    width = max(len(name) for _, name, _ in rows) + 2
+    lines = [f"{'family':<10} {'metric':<{width}} {'n':>5} {'accuracy':>9} {'chance':>7} {'x chance':>9}"]
+    for family, name, r in rows:
+        chance = f"{r['chance']:.3f}" if r.get("chance") is not None else "-"
+        ratio = f"{r['ratio_to_chance']:.2f}" if r.get("ratio_to_chance") is not None else "-"
+        lines.append(f"{family:<10} {name:<{width}} {r['n']:>5} {r['accuracy']:>9.3f} {chance:>7} {ratio:>9}")
+    return "\n".join(lines)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, float]:
@@ -127,6 +210,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
                 timings[name] = time.perf_counter() - start
                 parent.log_metrics({f"time_s/{name}": timings[name]})
             parent.log_metrics({"time_s/total": sum(timings.values())})
+            results = evaluation_results(cfg)
+            parent.log_metrics(
+                {
+                    f"{family}/{name}/{key}": float(r[key])
+                    for family, metrics in results.items()
+                    for name, r in metrics.items()
+                    for key in ("accuracy", "ratio_to_chance")
+                    if r.get(key) is not None
+                }
+            )
+            summary = Path(cfg.out_dir) / "summary.txt"
+            summary.write_text(summary_table(results) + "\n")
+            parent.log_artifact(summary)
     finally:
         if started:
             ray.shutdown()
@@ -138,9 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings = run_demo(cfg)
     print("\ndemo finished:")
     for step, seconds in timings.items():
-        print(f"  {step:<18} {seconds:8.1f}s")
-    print(f"  {'total':<18} {sum(timings.values()):8.1f}s")
-    print(f"outputs: {Path(cfg.out_dir).resolve()}")
+        print(f"  {step:<20} {seconds:8.1f}s")
+    print(f"  {'total':<20} {sum(timings.values()):8.1f}s")
+    print("\nevaluation (held-out toy questions; generated images graded by independent judges):")
+    print(summary_table(evaluation_results(cfg)))
+    print(f"\noutputs: {Path(cfg.out_dir).resolve()}")
+    for family in cfg.families:
+        print(f"  {family}: sample grids in {eval_dir(cfg, family).resolve()}")
     if cfg.tracking.backend == "mlflow":
         uri = resolve_uri(cfg.tracking)
         print(f"MLflow runs: {uri}\n  open the UI with: .venv/bin/mlflow ui --backend-store-uri {uri}")

@@ -28,6 +28,8 @@ SMALL_WORLD = [
 SHORT_TRAINING = [
     *(f"mix_overrides=[{','.join(f'stages.stage{i}.steps=2' for i in (1, 2, 3))}]",),
     f"train_overrides=[{','.join(f'stage.{s}.steps=2' for s in ('I', 'II', 'III'))},checkpoint.every_steps=1]",
+    "fit_overrides=[vq.steps=2,vae.steps=2,max_images_per_source=16]",
+    "eval_overrides=[num_samples=3,digits_per_class=1,shapes_per_prompt=1]",
 ]
 
 
@@ -49,7 +51,7 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     assert "demo finished" in done.stdout and str(out) in done.stdout
     # Every step left its artefacts.
     assert json.loads((out / "toyworld" / "toyworld.json").read_text())["sources"]["digits"]["counts"]["train"] == 180
-    for source in ("digits", "shapes", "charts_docs", "photos", "text"):
+    for source in ("digits", "shapes", "charts_docs", "photos", "text", "digits_qa", "shapes_qa"):
         manifest = json.loads((out / "curated" / source / "manifest.json").read_text())
         assert manifest["kept"] + manifest["rejected"] == manifest["inputs"] > 0
     for stage in ("stage1", "stage2", "stage3"):
@@ -58,14 +60,30 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     for stage in ("I", "II", "III"):
         final = out / "checkpoints" / f"debug_janus_pro-stage_{stage}" / "final"
         assert json.loads((final / "stage_done.json").read_text())["steps"] == 2
+    # Only the tokenizer of the family that trains is fitted, and training used it.
+    assert (out / "tokenizers" / "vq" / "config.json").is_file() and not (out / "tokenizers" / "vae").exists()
+    resolved = (out / "checkpoints" / "debug_janus_pro" / "config.resolved.yaml").read_text()
+    assert f"vq_path: {(out / 'tokenizers' / 'vq').resolve()}" in resolved  # absolute: workers run elsewhere
+    # The evaluation graded the last stage: understanding per question type, both generation judges.
+    report = json.loads((out / "eval" / "janus_pro" / "eval.json").read_text())
+    assert report["checkpoint"].endswith("debug_janus_pro-stage_III/final")
+    results = report["results"]
+    for metric in ("understanding/digit", "understanding/shape_colour", "generation/digits", "generation/shapes_colour"):
+        assert 0.0 <= results[metric]["accuracy"] <= 1.0 and results[metric]["n"] > 0, metric
+    assert (out / "eval" / "janus_pro" / "digits_grid.png").is_file()
+    summary = (out / "summary.txt").read_text()
+    assert "generation/digits" in summary and "understanding/digit" in summary
+    assert "generation/digits" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
     # MLflow: the demo's parent run holds every job's run; training stages nest under the training run.
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("janus-pipeline").experiment_id])
     by_name = {r.info.run_name: r for r in runs}
     parent = by_name["demo"].info.run_id
-    for name in ("toyworld", "curate", "mix", "train-debug_janus_pro"):
+    for name in ("toyworld", "curate", "fit_tokenizers", "mix", "train-debug_janus_pro", "evaluate"):
         assert by_name[name].data.tags.get("mlflow.parentRunId") == parent, name
     train_id = by_name["train-debug_janus_pro"].info.run_id
     for stage in ("I", "II", "III"):
         assert by_name[f"stage_{stage}"].data.tags["mlflow.parentRunId"] == train_id
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert by_name["demo"].data.metrics["janus_pro/generation/digits/accuracy"] == results["generation/digits"]["accuracy"]
+    assert "summary.txt" in {a.path for a in client.list_artifacts(parent)}
