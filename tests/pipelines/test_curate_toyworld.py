@@ -32,11 +32,14 @@ def test_toy_recipe_curates_toy_world(tmp_path, ray_local):  # noqa: F811
         src.path = src.path.replace("outputs/toyworld", str(world))
         assert "/train" in src.path  # the recipe curates the train splits
     results = {r["source"]: r for r in run_curation(cfg)}
-    assert set(results) == {"digits", "shapes", "charts_docs", "photos", "text"}
+    assert set(results) == {"digits", "shapes", "charts_docs", "photos", "text", "digits_qa", "shapes_qa"}
     for name, r in results.items():
         assert r["kept"] > 0 and r["inputs"] == r["kept"] + r["rejected"], name
         manifest = json.loads((tmp_path / "curated" / name / "manifest.json").read_text())
         assert manifest["task"] == {"digits": "class_label", "shapes": "t2i", "charts_docs": "chart_doc",
-                                    "photos": "caption", "text": "text"}[name]
+                                    "photos": "caption", "text": "text", "digits_qa": "sft", "shapes_qa": "sft"}[name]
     # synthetic sources opt out of dedup and pass the lowered size filters whole
     assert results["shapes"]["rejected"] == 0 and results["charts_docs"]["rejected"] == 0
+    # the question sources show the same images as digits/shapes, so they opt out of dedup and keep every one
+    assert results["digits_qa"]["rejected"] == 0 and results["shapes_qa"]["rejected"] == 0
+    assert results["shapes_qa"]["kept"] == 24
