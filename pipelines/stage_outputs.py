@@ -103,14 +103,18 @@ def run_previews(
         img.save(buf, format="PNG")
         pngs.append(buf.getvalue())
     pairs = [(png, q) for png in pngs for q in cfg.questions]
-    answers = answer_questions(
-        model,
-        tokenizer,
-        special,
-        pairs,
-        image_size=flavor.vision.image_size,
-        num_image_tokens=flavor.num_image_tokens(family),
-        max_new_tokens=cfg.max_new_tokens,
+    answers = (
+        answer_questions(
+            model,
+            tokenizer,
+            special,
+            pairs,
+            image_size=flavor.vision.image_size,
+            num_image_tokens=flavor.num_image_tokens(family),
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        if pairs
+        else []  # no questions: images only
     )
     record = {
         "step": step,
