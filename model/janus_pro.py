@@ -21,7 +21,7 @@ from transformers.models.janus.modeling_janus import JanusVQVAE
 
 from model.collate import build_attention_bias
 from model.flavors import FlavorConfig
-from model.losses import per_task_means, reduce_token_losses, text_token_losses
+from model.losses import check_reduction, per_task_means, reduce_token_losses, text_token_losses, token_sample_ids
 from model.prompts import GEN_SLOT, UND_SLOT
 
 
@@ -157,6 +157,12 @@ class JanusProTaskConfig:
 
     compute_metrics: bool = True
     """Report per-task losses (one host sync per task per step)."""
+    reduction: str = "token"
+    """``token``: the mean over every trained text and image token; ``sample``: each sample's own mean, then
+    the mean over samples (model.losses.REDUCTIONS)."""
+
+    def __post_init__(self) -> None:
+        check_reduction("JanusProTaskConfig", self.reduction)
 
 
 class JanusProTask(nn.Module):
@@ -193,7 +199,12 @@ class JanusProTask(nn.Module):
         if ids is not None and ids.shape[0]:
             logits = model.model.generation_head(hidden[:, :-1][gen_next])
             img_ce = nn.functional.cross_entropy(logits.float(), ids.reshape(-1), reduction="none")
-        loss = reduce_token_losses([text_ce, img_ce], hidden)
+        ids_of = None
+        if self.cfg.reduction == "sample":
+            seg = batch["segment_ids"]
+            # the image ids of generation sample g sit in the slots of its own row and segment
+            ids_of = [token_sample_ids(seg, text_mask), token_sample_ids(seg, gen_next)]
+        loss = reduce_token_losses([text_ce, img_ce], hidden, ids_of, self.cfg.reduction)
         metrics: dict[str, float] = {"loss": float(loss.detach())}
         if self.cfg.compute_metrics:
             metrics.update(per_task_means(text_ce, batch["token_task"][:, 1:][text_mask], "loss"))

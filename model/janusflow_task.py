@@ -19,7 +19,7 @@ from torch import nn
 from model.flavors import FlavorConfig
 from model.janus_pro import llm_attention
 from model.janusflow import JanusFlowModel
-from model.losses import per_task_means, text_token_losses
+from model.losses import check_reduction, per_task_means, reduce_token_losses, text_token_losses, token_sample_ids
 from model.prompts import GEN_BOI, GEN_SLOT, UND_BOI, UND_SLOT
 
 
@@ -71,8 +71,12 @@ class JanusFlowTaskConfig:
     """Weight of L_REPA in the generation loss (1: L_gen = L_RF + L_REPA)."""
     compute_metrics: bool = True
     """Report per-task losses."""
+    reduction: str = "token"
+    """Text loss: ``token`` = the mean over every trained text token; ``sample`` = each sample's own mean,
+    then the mean over samples (model.losses.REDUCTIONS). The generation loss is per sample either way."""
 
     def __post_init__(self) -> None:
+        check_reduction("JanusFlowTaskConfig", self.reduction)
         if self.t_sigma <= 0:
             raise ValueError(f"JanusFlowTaskConfig.t_sigma must be > 0, got {self.t_sigma}")
         if self.repa_weight < 0:
@@ -143,7 +147,8 @@ class JanusFlowTask(nn.Module):
         )
         hidden = out.last_hidden_state
         text_ce, text_mask = text_token_losses(hidden, batch["labels"], m.language_model.lm_head)
-        loss = text_ce.mean() if text_ce.numel() else hidden.sum() * 0.0
+        ids_of = [token_sample_ids(batch["segment_ids"], text_mask)] if self.cfg.reduction == "sample" else None
+        loss = reduce_token_losses([text_ce], hidden, ids_of, self.cfg.reduction)
         metrics: dict[str, float] = {}
         if flow is not None:
             rf, repa = self.generation_losses(batch, hidden, out.hidden_states, x1, flow)

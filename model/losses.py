@@ -34,9 +34,44 @@ def text_token_losses(
     return F.cross_entropy(logits.float(), target[mask], reduction="none"), mask
 
 
-def reduce_token_losses(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Mean over every trained token of every part (one token, one vote: no per-task weights)."""
-    flat = [p for p in parts if p.numel()]
-    if not flat:
+REDUCTIONS = ("token", "sample")
+"""How token losses become the batch loss: ``token`` = the mean over every trained token (one token, one
+vote: a 576-token image outweighs a one-word answer 576 to 1); ``sample`` = each sample's mean over its own
+trained tokens, then the mean over samples (every sample weighs the same, whatever its length)."""
+
+
+def check_reduction(owner: str, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{owner}.reduction {reduction!r} is not one of {REDUCTIONS}")
+
+
+def token_sample_ids(segment_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sample (row x segment, unique in the batch) of each target selected by ``mask`` over [:, 1:]."""
+    seg = segment_ids[:, 1:]
+    rows = torch.arange(seg.shape[0], device=seg.device)[:, None].expand_as(seg)
+    return (rows * (int(segment_ids.max()) + 1) + seg)[mask]
+
+
+def reduce_token_losses(
+    parts: list[torch.Tensor],
+    like: torch.Tensor,
+    sample_ids: list[torch.Tensor] | None = None,
+    reduction: str = "token",
+) -> torch.Tensor:
+    """The batch loss from per-token losses ``parts`` (see REDUCTIONS); ``sample_ids`` (same shapes as the
+    parts) name each token's sample and are needed for ``sample``."""
+    check_reduction("reduce_token_losses", reduction)
+    keep = [i for i, p in enumerate(parts) if p.numel()]
+    if not keep:
         return like.sum() * 0.0  # keeps the graph so backward() works on an all-masked batch
-    return torch.cat(flat).mean()
+    losses = torch.cat([parts[i] for i in keep])
+    if reduction == "token":
+        return losses.mean()
+    if sample_ids is None:
+        raise ValueError("reduce_token_losses: reduction='sample' needs sample_ids")
+    ids = torch.cat([sample_ids[i] for i in keep])
+    _, ids = torch.unique(ids, return_inverse=True)
+    n = int(ids.max()) + 1
+    sums = losses.new_zeros(n).index_add(0, ids, losses)
+    counts = losses.new_zeros(n).index_add(0, ids, torch.ones_like(losses))
+    return (sums / counts).mean()

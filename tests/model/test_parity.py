@@ -82,6 +82,50 @@ def test_packed_batch_has_the_same_loss(debug_flavor, tokenizer, special):
     torch.testing.assert_close(task(plain)[0], task(packed)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_sample_reduction_weighs_every_sample_the_same(debug_flavor, tokenizer, special):
+    from model.janus_pro import JanusProTaskConfig
+
+    model = build_janus_pro(debug_flavor).eval()
+    tasks = ("sft", "t2i", "text", "class_label", "caption")
+    samples = [make_sample(t, i, vq_tokens=64) for i, t in enumerate(tasks)]
+    token_task = JanusProTask(model)
+    sample_task = JanusProTask(model, JanusProTaskConfig(reduction="sample"))
+    # alone, a sample's token mean is its own mean: the sample reduction is the mean of those
+    alone = torch.stack([token_task(_collate([s], tokenizer, special))[0] for s in samples])
+    plain, packed = _collate(samples, tokenizer, special), _collate(samples, tokenizer, special, max_len=256, pack=True)
+    assert int(packed["segment_ids"].max()) > 1
+    for batch in (plain, packed):
+        torch.testing.assert_close(sample_task(batch)[0], alone.mean(), rtol=1e-5, atol=1e-5)
+    # the token mean weighs the 64-id image samples far more than a short answer
+    counts = []
+    for s in samples:
+        _, m = token_task(_collate([s], tokenizer, special))
+        counts.append(m["tokens/text"] + m["tokens/image"])
+    weights = torch.tensor(counts) / sum(counts)
+    torch.testing.assert_close(token_task(plain)[0], (alone * weights).sum(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(token_task(plain)[0], alone.mean(), rtol=1e-3)
+
+
+def test_janusflow_sample_reduction_of_the_text_loss(debug_flavor, tokenizer, special):
+    from model.janusflow import build_janusflow
+    from model.janusflow_task import JanusFlowTask, JanusFlowTaskConfig, build_vae
+
+    model, vae = build_janusflow(debug_flavor).eval(), build_vae(debug_flavor)
+    samples = [make_sample(t, i) for i, t in enumerate(("sft", "text", "caption"))]  # text losses only
+    task = JanusFlowTask(model, vae, JanusFlowTaskConfig(reduction="sample"))
+    alone = torch.stack([JanusFlowTask(model, vae)(_collate([s], tokenizer, special))[0] for s in samples])
+    torch.testing.assert_close(task(_collate(samples, tokenizer, special))[0], alone.mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_reduction_is_rejected():
+    import pytest
+
+    from model.janus_pro import JanusProTaskConfig
+
+    with pytest.raises(ValueError, match="reduction 'mean'"):
+        JanusProTaskConfig(reduction="mean")
+
+
 def test_janusflow_packed_batch_has_the_same_loss(debug_flavor, tokenizer, special):
     from model.janusflow import build_janusflow
     from model.janusflow_task import JanusFlowTask, build_vae
