@@ -33,7 +33,7 @@ from data_prep.imaging import (
     text_hash,
 )
 from data_prep.readers import RawRecord, read_unit
-from data_prep.schema import SampleMeta, image_sha256, make_key
+from data_prep.schema import META_EXT, TEXT_EXT, SampleMeta, image_sha256, make_key
 from data_prep.sources import SourceConfig, Unit
 from data_prep.validate import Fields, map_fields
 
@@ -143,11 +143,11 @@ def finish_candidate(cand: Candidate, src: SourceConfig) -> dict[str, Any]:
     )
     # the staged meta bytes are the tar's json member as is: the writer never re-encodes them
     meta_json = meta.to_json()
-    members = {"json": meta_json}
+    members = {META_EXT: meta_json}
     if cand.stored is not None:
         members[row["image_ext"]] = cand.stored
     if f.text is not None:
-        members["txt"] = f.text.encode("utf-8")
+        members[TEXT_EXT] = f.text.encode("utf-8")
     row.update(image=cand.stored, text=f.text, meta=meta_json, tar_bytes=tar_size(members))
     return row
 
