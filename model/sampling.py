@@ -123,16 +123,19 @@ def generate_images_janusflow(
     flow = model.flavor.flow
     rows, masks = cfg_prompt_rows(tokenizer, special, prompts, mask_uncond=True)
     ids, attn = (x.to(_device(model)) for x in left_pad([r[:-1] for r in rows], special.pad, [m[:-1] for m in masks]))
+    # Positions count every token of a row but its left padding: the masked (dropped) prompt tokens of an
+    # uncond row keep their places, as in training, where a dropped prompt is masked, not removed.
+    present = left_pad([r[:-1] for r in rows], special.pad)[1].to(ids.device)
     llm, prefix = _llm(model), ids.shape[1]
     cache = DynamicCache()
-    llm(input_ids=ids, attention_mask=attn, position_ids=positions(attn), past_key_values=cache, use_cache=True)
+    llm(input_ids=ids, attention_mask=attn, position_ids=positions(present), past_key_values=cache, use_cache=True)
     b = len(prompts)
     shape = (b, flow.latent_channels, flow.latent_size, flow.latent_size)
     param = next(model.parameters())
     z = torch.randn(shape, generator=generator).to(param.device, param.dtype)
     n = flow.grid**2
     full = torch.cat([attn, attn.new_ones(2 * b, n + 1)], dim=1)
-    pos = positions(full)[:, prefix:]
+    pos = positions(torch.cat([present, present.new_ones(2 * b, n + 1)], dim=1))[:, prefix:]
     for step in range(steps):
         t = torch.full((2 * b,), step / steps, device=z.device)
         tokens, t_emb, skip = model.encode_latents(z.repeat_interleave(2, dim=0), t)

@@ -163,12 +163,18 @@ def test_janusflow_round_trip_with_ema(tmp_path, tokenizer, special):
     assert loaded.decode_velocity(torch.randn(2, 64, 128), skip, t_emb).shape == z.shape
 
 
-def _direct_velocity(model, tokenizer, special, prompt: str | None, z, t):
-    """One sample, no cache, no padding: [prompt] + t_emb + z tokens -> velocity."""
-    ids = torch.tensor([prompt_ids(tokenizer, special, prompt)]) if prompt else torch.tensor([[special.bos]])
+def _direct_velocity(model, tokenizer, special, prompt: str, z, t, dropped: bool = False):
+    """One sample, no cache, no padding: [prompt] + t_emb + z tokens -> velocity. A dropped prompt is as in
+    training: BOS, then pads that keep their positions but are masked out of attention."""
+    ids = torch.tensor([prompt_ids(tokenizer, special, prompt)])
+    attn = torch.ones(1, ids.shape[1], dtype=torch.long)
+    if dropped:
+        ids[:, 1:], attn[:, 1:] = special.pad, 0
     tokens, t_emb, skip = model.encode_latents(z, torch.full((1,), t))
     embeds = torch.cat([model.language_model.get_input_embeddings()(ids), t_emb[:, None], tokens], dim=1)
-    h = model.language_model.model(inputs_embeds=embeds).last_hidden_state
+    attn = torch.cat([attn, attn.new_ones(1, 1 + tokens.shape[1])], dim=1)
+    pos = torch.arange(embeds.shape[1])[None]
+    h = model.language_model.model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos).last_hidden_state
     return model.decode_velocity(h[:, -tokens.shape[1] :], skip, t_emb)
 
 
@@ -189,6 +195,6 @@ def test_janusflow_euler_cfg_sampler_matches_direct_computation(tokenizer, speci
             for row, prompt in enumerate(prompts):
                 zr = z[row : row + 1]
                 vc = _direct_velocity(model, tokenizer, special, prompt, zr, step / steps)
-                vu = _direct_velocity(model, tokenizer, special, None, zr, step / steps)
+                vu = _direct_velocity(model, tokenizer, special, prompt, zr, step / steps, dropped=True)
                 z[row : row + 1] = zr + (w * vc - (w - 1) * vu) / steps
     torch.testing.assert_close(z_final, z, rtol=1e-4, atol=1e-4)
