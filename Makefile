@@ -10,7 +10,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo demo-janusflow test test-all lint format clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo --config configs/demo.yaml $(ARGS)
+
+demo-janusflow: $(STAMP)
+	$(BIN)/python -m pipelines.demo --config configs/demo.yaml "families=[janusflow]" $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

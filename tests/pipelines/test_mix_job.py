@@ -72,11 +72,13 @@ def test_paper_numbers() -> None:
 def test_toy_recipe_runs_and_prints_exact_ratios(recipe: str, curated: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "stages"
+    shipped = load_config(MixConfig, CONFIGS / f"{recipe}.yaml")
+    short = [f"stages.{name}.steps={min(st.steps, 40)}" for name, st in shipped.stages.items()]  # test-sized
     rc = main(["--config", str(CONFIGS / f"{recipe}.yaml"), f"curated_dir={curated}", f"out_dir={out}",
-               "tracking.backend=jsonl"])
+               "tracking.backend=jsonl", *short])
     assert rc == 0
     printed = capsys.readouterr().out
-    cfg = load_config(MixConfig, CONFIGS / f"{recipe}.yaml")
+    cfg = load_config(MixConfig, CONFIGS / f"{recipe}.yaml", short)
     for stage, st in cfg.stages.items():
         manifest = json.loads((out / cfg.recipe / stage / "manifest.json").read_text())
         assert manifest["samples"] == st.num_samples
@@ -137,9 +139,10 @@ def test_job_precomputes_latents(ray_local: None, curated: Path, tmp_path: Path)
 @pytest.mark.ray
 def test_parallel_writers_and_locations_do_not_change_bytes(ray_local: None, curated: Path, tmp_path: Path) -> None:  # noqa: F811
     recipe = str(CONFIGS / "mix_toy_janusflow.yaml")
-    main(["--config", recipe, f"curated_dir={curated}", f"out_dir={tmp_path / 'a'}", "tracking.backend=none"])
+    short = ["stages.stage1.steps=30", "stages.stage2.steps=60", "stages.stage3.steps=40"]  # 960/1920/1280 samples
+    main(["--config", recipe, f"curated_dir={curated}", f"out_dir={tmp_path / 'a'}", "tracking.backend=none", *short])
     main(["--config", recipe, f"curated_dir={curated}", f"out_dir={tmp_path / 'b'}", "tracking.backend=none",
-          "write_workers=2"])
+          "write_workers=2", *short])
     a, b = tmp_path / "a" / "toy_janusflow", tmp_path / "b" / "toy_janusflow"
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix in (".tar", ".json"))
     assert len(files) == 3 + 5 + 10 + 7  # three manifests and every shard
