@@ -145,7 +145,7 @@ def test_digits_and_shapes_qa_ask_about_the_same_pixels(world: Path) -> None:
             turns = json.loads(sample["json"])["conversation"]
             expected = {"What colour is the shape?": facts["color"], "What shape is it?": facts["shape"],
                         "How many shapes are there?": str(facts["count"])}
-            asked = {q["content"].split("\n")[-1]: a["content"] for q, a in zip(turns[0::2], turns[1::2])}
+            asked = {q["content"].split("\n")[-1]: a["content"] for q, a in zip(turns[0::2], turns[1::2], strict=True)}
             assert asked == expected and turns[0]["content"].startswith("<image>\n")
             first_questions.add(turns[0]["content"])
         if len(shapes) >= 10:  # the order varies, so no answer can be told by its turn's position

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -15,22 +14,13 @@ from data_prep import toy_render
 from pipelines.evaluate import EvalConfig, run_evaluate
 from pipelines.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
 from pipelines.tracking import TrackingConfig
+from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.pipelines.eval_fixtures import make_checkpoint, small_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_world(tmp_path_factory.mktemp("eval") / "toyworld")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_cpu_math():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
 
 
 def test_digit_judge_classifies_unseen_real_digits(world: Path) -> None:
@@ -87,7 +77,8 @@ def test_evaluate_end_to_end_random_checkpoint(world: Path, tmp_path: Path) -> N
     assert saved["family"] == "janus_pro" and results == json.loads(json.dumps(report["results"]))
     assert results["understanding/digit"]["n"] == 6 and results["understanding/digit"]["chance"] == pytest.approx(0.1)
     assert results["understanding/shape_colour"]["chance"] == pytest.approx(1 / 6)
-    top = [r for k, r in results.items() if k.startswith("understanding/") and k.count("/") == 1 and k != "understanding/all"]
+    top = [r for k, r in results.items()
+           if k.startswith("understanding/") and k.count("/") == 1 and k != "understanding/all"]
     assert {"understanding/digit", "understanding/chart_doc"} <= set(results)
     overall = results["understanding/all"]  # the mean over question types, each weighing the same
     assert overall["accuracy"] == pytest.approx(sum(r["accuracy"] for r in top) / len(top))

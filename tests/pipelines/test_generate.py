@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -17,17 +16,8 @@ from pipelines.fit_tokenizers import FitOptions, FitTokenizersConfig, run_fit_to
 from pipelines.generate import load_for_inference
 from pipelines.generate import main as generate_main
 from pipelines.tracking import TrackingConfig
+from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.pipelines.eval_fixtures import make_checkpoint, small_world
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_cpu_math():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
