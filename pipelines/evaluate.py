@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from data_prep.toy_render import COLORS, SHAPES
+from model.flavors import FAMILIES
 from pipelines.config import parse_job_args, save_resolved, to_flat_dict
 from pipelines.generate import LoadedModel, answer, generate_images, image_grid, load_for_inference
 from pipelines.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
@@ -48,6 +49,9 @@ class EvalConfig:
     """Generation: images per digit class per seed."""
     shapes_per_prompt: int = 1
     """Generation: images per (colour, shape) prompt per seed."""
+    cfg_weight: dict[str, float] = field(default_factory=dict)
+    """Classifier-free guidance weight per family (e.g. ``{janusflow: 5.0}``); a family not named samples with
+    its paper weight (Janus-Pro 5, JanusFlow 2)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Sampling seeds; every generation prompt is sampled once per seed."""
     batch_size: int = 16
@@ -68,6 +72,11 @@ class EvalConfig:
         for name in ("digits_per_class", "shapes_per_prompt"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for family, weight in self.cfg_weight.items():
+            if family not in FAMILIES or weight < 1.0:
+                raise ValueError(
+                    f"EvalConfig.cfg_weight[{family!r}] = {weight}: family must be one of {FAMILIES}, weight >= 1"
+                )
         if not self.seeds:
             raise ValueError("EvalConfig.seeds must name at least one seed")
 
@@ -133,8 +142,9 @@ def evaluate_digits(cfg: EvalConfig, lm: LoadedModel, out: Path) -> dict[str, fl
     prompts = [f"a handwritten digit {k}" for k in range(10) for _ in range(cfg.digits_per_class)]
     labels = [k for k in range(10) for _ in range(cfg.digits_per_class)]
     correct: list[bool] = []
+    guidance = cfg.cfg_weight.get(lm.family)
     for s, seed in enumerate(cfg.seeds):
-        images = generate_images(lm, prompts, seed=seed, batch_size=cfg.batch_size)
+        images = generate_images(lm, prompts, seed=seed, batch_size=cfg.batch_size, cfg_weight=guidance)
         correct += [p == y for p, y in zip(judge.predict(images), labels, strict=True)]
         if s == 0:
             image_grid(images, cols=cfg.digits_per_class).save(out / "digits_grid.png", format="PNG")
@@ -146,8 +156,9 @@ def evaluate_shapes(cfg: EvalConfig, lm: LoadedModel, out: Path) -> dict[str, fl
     combos = [(c, s) for c in COLORS for s in SHAPES for _ in range(cfg.shapes_per_prompt)]
     prompts = [f"a {c} {s} in the center" for c, s in combos]
     correct: list[bool] = []
+    guidance = cfg.cfg_weight.get(lm.family)
     for i, seed in enumerate(cfg.seeds):
-        images = generate_images(lm, prompts, seed=seed, batch_size=cfg.batch_size)
+        images = generate_images(lm, prompts, seed=seed, batch_size=cfg.batch_size, cfg_weight=guidance)
         correct += [judge_colour(img) == c for img, (c, _) in zip(images, combos, strict=True)]
         if i == 0:
             image_grid(images, cols=len(SHAPES) * cfg.shapes_per_prompt).save(out / "shapes_grid.png", format="PNG")

@@ -102,18 +102,26 @@ def load_for_inference(checkpoint: str | Path, vae_path: str | None = None) -> L
     return LoadedModel(model.eval(), family, flavor, tokenizer, special_ids(tokenizer), vae)
 
 
-def generate_images(lm: LoadedModel, prompts: list[str], seed: int = 0, batch_size: int = 8) -> list[Image.Image]:
-    """Sample one image per prompt (paper CFG weights), batched; seeded."""
+def generate_images(
+    lm: LoadedModel, prompts: list[str], seed: int = 0, batch_size: int = 8, cfg_weight: float | None = None
+) -> list[Image.Image]:
+    """Sample one image per prompt, batched; seeded. ``cfg_weight`` None = the family's paper weight
+    (Janus-Pro 5, JanusFlow 2)."""
     from model.sampling import generate_images_janus_pro, generate_images_janusflow
 
+    if cfg_weight is not None and cfg_weight < 1.0:
+        raise ValueError(f"cfg_weight must be >= 1 (1 = no guidance), got {cfg_weight}")
+    guidance = {} if cfg_weight is None else {"cfg_weight": float(cfg_weight)}
     gen = torch.Generator().manual_seed(seed)
     out: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         if lm.family == "janus_pro":
-            _, pix = generate_images_janus_pro(lm.model, lm.tokenizer, lm.special, chunk, generator=gen)
+            _, pix = generate_images_janus_pro(lm.model, lm.tokenizer, lm.special, chunk, generator=gen, **guidance)
         else:
-            _, pix = generate_images_janusflow(lm.model, lm.vae, lm.tokenizer, lm.special, chunk, generator=gen)
+            _, pix = generate_images_janusflow(
+                lm.model, lm.vae, lm.tokenizer, lm.special, chunk, generator=gen, **guidance
+            )
         out += [to_pil(p) for p in pix]
     return out
 
@@ -169,6 +177,8 @@ class GenerateConfig:
     """Images per prompt."""
     seed: int = 0
     """Sampling seed."""
+    cfg_weight: float | None = None
+    """Classifier-free guidance weight (1 = none); default: the family's paper weight (Janus-Pro 5, JanusFlow 2)."""
     image: str | None = None
     """Image file to ask about."""
     question: str | None = None
@@ -185,10 +195,12 @@ class GenerateConfig:
             raise ValueError("give --prompt (generation) and/or --question (understanding)")
         if self.num <= 0:
             raise ValueError(f"GenerateConfig.num (--num) must be positive, got {self.num}")
+        if self.cfg_weight is not None and self.cfg_weight < 1.0:
+            raise ValueError(f"GenerateConfig.cfg_weight (--cfg_weight) must be >= 1, got {self.cfg_weight}")
 
 
 CONFIG = GenerateConfig
-_FLAG_TYPES = {"num": int, "seed": int, "threads": int}
+_FLAG_TYPES = {"num": int, "seed": int, "threads": int, "cfg_weight": float}
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -228,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prompt:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(generate_images(lm, [args.prompt] * args.num, seed=args.seed)):
+        images = generate_images(lm, [args.prompt] * args.num, seed=args.seed, cfg_weight=args.cfg_weight)
+        for i, img in enumerate(images):
             path = out / f"{slug(args.prompt)}-{i}.png"
             img.save(path, format="PNG")
             print(path)

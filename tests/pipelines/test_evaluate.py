@@ -103,3 +103,9 @@ def test_evaluate_rejects_wrong_family(world: Path, tmp_path: Path) -> None:
     cfg = EvalConfig(checkpoint=str(ckpt), family="janusflow", toyworld_dir=str(world), out_dir=str(tmp_path / "e"))
     with pytest.raises(ValueError, match="family"):
         run_evaluate(cfg)
+
+
+@pytest.mark.parametrize("weights", [{"janus": 5.0}, {"janusflow": 0.5}])
+def test_eval_config_rejects_bad_cfg_weight(weights: dict) -> None:
+    with pytest.raises(ValueError, match="cfg_weight"):
+        EvalConfig(cfg_weight=weights)

@@ -114,3 +114,18 @@ def test_generate_from_export(family: str, tmp_path: Path) -> None:
 def test_generate_needs_a_prompt_or_question(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         generate_main(["--checkpoint", str(tmp_path)])
+
+
+def test_cfg_weight_reaches_the_sampler(tmp_path: Path) -> None:
+    """None samples with the paper weight (JanusFlow 2): the same pixels as asking for 2; 1 and 5 differ."""
+    from pipelines.generate import generate_images
+
+    lm = load_for_inference(make_checkpoint(tmp_path / "ckpt", "janusflow"))
+    weights = (None, 2.0, 1.0, 5.0)
+    images = {w: generate_images(lm, ["a red circle"], seed=3, cfg_weight=w)[0].tobytes() for w in weights}
+    assert images[None] == images[2.0]
+    assert len({images[2.0], images[1.0], images[5.0]}) == 3
+    with pytest.raises(ValueError, match="cfg_weight"):
+        generate_images(lm, ["a red circle"], cfg_weight=0.5)
+    with pytest.raises(SystemExit):
+        generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x", "--cfg_weight", "0.5"])
