@@ -9,6 +9,7 @@ stage N's final weights with its own freeze schedule and a fresh optimizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -92,6 +93,95 @@ def check_cpu_budget(cfg: TrainConfig) -> None:
         )
 
 
+INPUTS_FILE = "inputs.json"
+"""Written into a stage's folder before it trains: what its result depends on (see :func:`stage_inputs`)."""
+
+
+class StageInputsChanged(ValueError):
+    """A stage folder holds work done from other inputs than the ones asked for now."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _folder_sha256(path: Path) -> str | None:
+    """Hash of a small folder's (or file's) contents; None when it is not there (the job reports that)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not all(f.is_file() for f in files):
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_inputs(cfg: TrainConfig, stage: str, init: Path | None, tars: Sequence[Path]) -> dict:
+    """What a stage's weights depend on: its stage, model and optimizer settings, the seed, where it starts
+    (the previous stage's inputs, chained), its shards (names, sizes, the stage manifest's hash) and the
+    contents of the fitted tokenizer it trains against (``model.vq_path`` / ``model.vae_path``).
+
+    Not in it: logging, checkpoint cadence, parallelism and scaling (a stage may resume on other hardware).
+    """
+    manifest = tars[0].parent / "manifest.json"
+    start: dict = {"model.path": cfg.model.path, "stage_init": cfg.stage_init}
+    if init is not None:
+        previous = Path(init).parent / INPUTS_FILE
+        start["previous_stage"] = (
+            json.loads(previous.read_text())["sha256"] if previous.is_file() else str(Path(init).resolve())
+        )
+    tokenizers = {
+        key: _folder_sha256(Path(value))
+        for key, value in (("vq_path", cfg.model.vq_path), ("vae_path", cfg.model.vae_path))
+        if value
+    }
+    inputs = {
+        "stage": to_dict(cfg.stage[stage]),
+        "tokenizers": tokenizers,
+        "model": to_dict(cfg.model),
+        "optim": to_dict(cfg.optim),
+        "seed": cfg.seed,
+        "ema_decay": cfg.ema_decay,
+        "start": start,
+        "shards": {
+            "files": [[t.name, t.stat().st_size] for t in tars],
+            "manifest_sha256": _sha256(manifest.read_bytes()) if manifest.is_file() else None,
+        },
+    }
+    return {"sha256": _sha256(json.dumps(inputs, sort_keys=True, default=str).encode()), "inputs": inputs}
+
+
+def _differences(old: object, new: object, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_stage_inputs(folder: Path, current: dict, stage: str) -> None:
+    """Refuse to skip or resume a stage whose folder was trained from other inputs; record them otherwise.
+
+    A folder from before the record existed (work in it but no record) is trusted, with a warning."""
+    path = folder / INPUTS_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded.get("sha256") == current["sha256"]:
+            return
+        changed = _differences(recorded.get("inputs", {}), current["inputs"]) or ["(unreadable record)"]
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise StageInputsChanged(
+            f"stage {stage}: {folder} holds training from other inputs than this run's (changed: {shown}); "
+            f"delete that folder (and the later stages') to train anew, or give another name= or checkpoint.dir="
+        )
+    if folder.is_dir() and any(folder.iterdir()):
+        print(f"train: warning: {folder} has no {INPUTS_FILE}; trusting its work was done from this recipe")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(current, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def run_stage(cfg: TrainConfig, stage: str) -> Path:
     """Train one stage to its end (resuming if it was interrupted); returns its final weights folder."""
     import ray.train
@@ -99,12 +189,13 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
     from ray.train.torch import TorchTrainer
 
     final = stage_dir(cfg, stage) / "final"
+    init = initial_weights(cfg, stage)
+    tars = stage_shard_paths(cfg, stage)
+    check_stage_inputs(stage_dir(cfg, stage), stage_inputs(cfg, stage, init, tars), stage)
     if (final / DONE_FILE).is_file():
         print(f"train: stage {stage} already finished ({final}); skipping")
         return final
-    init = initial_weights(cfg, stage)
     check_cpu_budget(cfg)
-    tars = stage_shard_paths(cfg, stage)
     n = count_samples(tars)
     workers = cfg.scaling.num_workers
     loop = {
