@@ -52,6 +52,8 @@ class EvalConfig:
     cfg_weight: dict[str, float] = field(default_factory=dict)
     """Classifier-free guidance weight per family (e.g. ``{janusflow: 5.0}``); a family not named samples with
     its paper weight (Janus-Pro 5, JanusFlow 2)."""
+    temperature: float = 1.0
+    """Janus-Pro's image-token sampling temperature (the paper's: 1); JanusFlow ignores it."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Sampling seeds; every generation prompt is sampled once per seed."""
     batch_size: int = 16
@@ -77,6 +79,8 @@ class EvalConfig:
                 raise ValueError(
                     f"EvalConfig.cfg_weight[{family!r}] = {weight}: family must be one of {FAMILIES}, weight >= 1"
                 )
+        if self.temperature <= 0:
+            raise ValueError(f"EvalConfig.temperature must be > 0, got {self.temperature}")
         if not self.seeds:
             raise ValueError("EvalConfig.seeds must name at least one seed")
 
@@ -143,8 +147,11 @@ def evaluate_digits(cfg: EvalConfig, lm: LoadedModel, out: Path) -> dict[str, fl
     labels = [k for k in range(10) for _ in range(cfg.digits_per_class)]
     correct: list[bool] = []
     guidance = cfg.cfg_weight.get(lm.family)
+    temp = cfg.temperature if lm.family == "janus_pro" else 1.0
     for s, seed in enumerate(cfg.seeds):
-        images = generate_images(lm, prompts, seed=seed, batch_size=cfg.batch_size, cfg_weight=guidance)
+        images = generate_images(
+            lm, prompts, seed=seed, batch_size=cfg.batch_size, cfg_weight=guidance, temperature=temp
+        )
         correct += [p == y for p, y in zip(judge.predict(images), labels, strict=True)]
         if s == 0:
             image_grid(images, cols=cfg.digits_per_class).save(out / "digits_grid.png", format="PNG")
@@ -157,8 +164,11 @@ def evaluate_shapes(cfg: EvalConfig, lm: LoadedModel, out: Path) -> dict[str, fl
     prompts = [f"a {c} {s} in the center" for c, s in combos]
     correct: list[bool] = []
     guidance = cfg.cfg_weight.get(lm.family)
+    temp = cfg.temperature if lm.family == "janus_pro" else 1.0
     for i, seed in enumerate(cfg.seeds):
-        images = generate_images(lm, prompts, seed=seed, batch_size=cfg.batch_size, cfg_weight=guidance)
+        images = generate_images(
+            lm, prompts, seed=seed, batch_size=cfg.batch_size, cfg_weight=guidance, temperature=temp
+        )
         correct += [judge_colour(img) == c for img, (c, _) in zip(images, combos, strict=True)]
         if i == 0:
             image_grid(images, cols=len(SHAPES) * cfg.shapes_per_prompt).save(out / "shapes_grid.png", format="PNG")

@@ -103,21 +103,31 @@ def load_for_inference(checkpoint: str | Path, vae_path: str | None = None) -> L
 
 
 def generate_images(
-    lm: LoadedModel, prompts: list[str], seed: int = 0, batch_size: int = 8, cfg_weight: float | None = None
+    lm: LoadedModel,
+    prompts: list[str],
+    seed: int = 0,
+    batch_size: int = 8,
+    cfg_weight: float | None = None,
+    temperature: float = 1.0,
 ) -> list[Image.Image]:
     """Sample one image per prompt, batched; seeded. ``cfg_weight`` None = the family's paper weight
-    (Janus-Pro 5, JanusFlow 2)."""
+    (Janus-Pro 5, JanusFlow 2); ``temperature`` scales Janus-Pro's image-token sampling (the paper's is 1;
+    JanusFlow's ODE sampler has none: any other value is an error)."""
     from model.sampling import generate_images_janus_pro, generate_images_janusflow
 
     if cfg_weight is not None and cfg_weight < 1.0:
         raise ValueError(f"cfg_weight must be >= 1 (1 = no guidance), got {cfg_weight}")
+    if temperature <= 0 or (lm.family == "janusflow" and temperature != 1.0):
+        raise ValueError(f"temperature {temperature}: must be > 0, and 1 for JanusFlow (its sampler has none)")
     guidance = {} if cfg_weight is None else {"cfg_weight": float(cfg_weight)}
     gen = torch.Generator().manual_seed(seed)
     out: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         if lm.family == "janus_pro":
-            _, pix = generate_images_janus_pro(lm.model, lm.tokenizer, lm.special, chunk, generator=gen, **guidance)
+            _, pix = generate_images_janus_pro(
+                lm.model, lm.tokenizer, lm.special, chunk, generator=gen, temperature=temperature, **guidance
+            )
         else:
             _, pix = generate_images_janusflow(
                 lm.model, lm.vae, lm.tokenizer, lm.special, chunk, generator=gen, **guidance
@@ -179,6 +189,8 @@ class GenerateConfig:
     """Sampling seed."""
     cfg_weight: float | None = None
     """Classifier-free guidance weight (1 = none); default: the family's paper weight (Janus-Pro 5, JanusFlow 2)."""
+    temperature: float = 1.0
+    """Janus-Pro image-token sampling temperature (the paper's: 1)."""
     image: str | None = None
     """Image file to ask about."""
     question: str | None = None
@@ -200,7 +212,7 @@ class GenerateConfig:
 
 
 CONFIG = GenerateConfig
-_FLAG_TYPES = {"num": int, "seed": int, "threads": int, "cfg_weight": float}
+_FLAG_TYPES = {"num": int, "seed": int, "threads": int, "cfg_weight": float, "temperature": float}
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -240,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prompt:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        images = generate_images(lm, [args.prompt] * args.num, seed=args.seed, cfg_weight=args.cfg_weight)
+        images = generate_images(
+            lm, [args.prompt] * args.num, seed=args.seed, cfg_weight=args.cfg_weight, temperature=args.temperature
+        )
         for i, img in enumerate(images):
             path = out / f"{slug(args.prompt)}-{i}.png"
             img.save(path, format="PNG")

@@ -109,3 +109,8 @@ def test_evaluate_rejects_wrong_family(world: Path, tmp_path: Path) -> None:
 def test_eval_config_rejects_bad_cfg_weight(weights: dict) -> None:
     with pytest.raises(ValueError, match="cfg_weight"):
         EvalConfig(cfg_weight=weights)
+
+
+def test_eval_config_rejects_bad_temperature() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        EvalConfig(temperature=0.0)

@@ -129,3 +129,16 @@ def test_cfg_weight_reaches_the_sampler(tmp_path: Path) -> None:
         generate_images(lm, ["a red circle"], cfg_weight=0.5)
     with pytest.raises(SystemExit):
         generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x", "--cfg_weight", "0.5"])
+
+
+def test_temperature_is_janus_pro_only(tmp_path: Path) -> None:
+    from pipelines.generate import generate_images
+
+    jp = load_for_inference(make_checkpoint(tmp_path / "jp", "janus_pro"))
+    hot, cold = (generate_images(jp, ["a red circle"], seed=3, temperature=t)[0].tobytes() for t in (1.0, 0.3))
+    assert hot != cold
+    jf = load_for_inference(make_checkpoint(tmp_path / "jf", "janusflow"))
+    with pytest.raises(ValueError, match="temperature"):
+        generate_images(jf, ["a red circle"], temperature=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        generate_images(jp, ["a red circle"], temperature=0.0)
