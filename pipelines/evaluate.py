@@ -140,18 +140,23 @@ def evaluate_understanding(cfg: EvalConfig, lm: LoadedModel) -> tuple[dict[str, 
     return results, records
 
 
+def _sampling(cfg: EvalConfig, lm: LoadedModel) -> dict[str, float | None]:
+    """The family's guidance weight and (Janus-Pro only) sampling temperature."""
+    return {
+        "cfg_weight": cfg.cfg_weight.get(lm.family),
+        "temperature": cfg.temperature if lm.family == "janus_pro" else 1.0,
+    }
+
+
 def evaluate_digits(cfg: EvalConfig, lm: LoadedModel, out: Path) -> dict[str, float | None]:
     """Generated digits graded by the real-digit judge; the grid has a row per class (first seed)."""
     judge, judge_acc, judge_n = build_digit_judge(Path(cfg.toyworld_dir))
     prompts = [f"a handwritten digit {k}" for k in range(10) for _ in range(cfg.digits_per_class)]
     labels = [k for k in range(10) for _ in range(cfg.digits_per_class)]
     correct: list[bool] = []
-    guidance = cfg.cfg_weight.get(lm.family)
-    temp = cfg.temperature if lm.family == "janus_pro" else 1.0
+    sampling = _sampling(cfg, lm)
     for s, seed in enumerate(cfg.seeds):
-        images = generate_images(
-            lm, prompts, seed=seed, batch_size=cfg.batch_size, cfg_weight=guidance, temperature=temp
-        )
+        images = generate_images(lm, prompts, seed=seed, batch_size=cfg.batch_size, **sampling)
         correct += [p == y for p, y in zip(judge.predict(images), labels, strict=True)]
         if s == 0:
             image_grid(images, cols=cfg.digits_per_class).save(out / "digits_grid.png", format="PNG")
@@ -163,12 +168,9 @@ def evaluate_shapes(cfg: EvalConfig, lm: LoadedModel, out: Path) -> dict[str, fl
     combos = [(c, s) for c in COLORS for s in SHAPES for _ in range(cfg.shapes_per_prompt)]
     prompts = [f"a {c} {s} in the center" for c, s in combos]
     correct: list[bool] = []
-    guidance = cfg.cfg_weight.get(lm.family)
-    temp = cfg.temperature if lm.family == "janus_pro" else 1.0
+    sampling = _sampling(cfg, lm)
     for i, seed in enumerate(cfg.seeds):
-        images = generate_images(
-            lm, prompts, seed=seed, batch_size=cfg.batch_size, cfg_weight=guidance, temperature=temp
-        )
+        images = generate_images(lm, prompts, seed=seed, batch_size=cfg.batch_size, **sampling)
         correct += [judge_colour(img) == c for img, (c, _) in zip(images, combos, strict=True)]
         if i == 0:
             image_grid(images, cols=len(SHAPES) * cfg.shapes_per_prompt).save(out / "shapes_grid.png", format="PNG")

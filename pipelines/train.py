@@ -116,6 +116,18 @@ def _folder_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+            raise ValueError("no sha256 field")
+    except (OSError, ValueError) as exc:
+        raise StageInputsChanged(
+            f"{path}: unreadable stage record ({exc}); delete its stage folder to train that stage anew"
+        ) from exc
+    return record
+
+
 def stage_inputs(cfg: TrainConfig, stage: str, init: Path | None, tars: Sequence[Path]) -> dict:
     """What a stage's weights depend on: its stage, model and optimizer settings, the seed, where it starts
     (the previous stage's inputs, chained), its shards (names, sizes, the stage manifest's hash) and the
@@ -127,9 +139,7 @@ def stage_inputs(cfg: TrainConfig, stage: str, init: Path | None, tars: Sequence
     start: dict = {"model.path": cfg.model.path, "stage_init": cfg.stage_init}
     if init is not None:
         previous = Path(init).parent / INPUTS_FILE
-        start["previous_stage"] = (
-            json.loads(previous.read_text())["sha256"] if previous.is_file() else str(Path(init).resolve())
-        )
+        start["previous_stage"] = _read_record(previous)["sha256"] if previous.is_file() else str(Path(init).resolve())
     tokenizers = {
         key: _folder_sha256(Path(value))
         for key, value in (("vq_path", cfg.model.vq_path), ("vae_path", cfg.model.vae_path))
@@ -164,8 +174,8 @@ def check_stage_inputs(folder: Path, current: dict, stage: str) -> None:
     A folder from before the record existed (work in it but no record) is trusted, with a warning."""
     path = folder / INPUTS_FILE
     if path.is_file():
-        recorded = json.loads(path.read_text())
-        if recorded.get("sha256") == current["sha256"]:
+        recorded = _read_record(path)
+        if recorded["sha256"] == current["sha256"]:
             return
         changed = _differences(recorded.get("inputs", {}), current["inputs"]) or ["(unreadable record)"]
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")

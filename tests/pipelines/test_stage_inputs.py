@@ -82,3 +82,11 @@ def test_a_folder_from_before_the_record_is_trusted(tmp_path: Path, capsys) -> N
     check_stage_inputs(folder, stage_inputs(_cfg(tmp_path), "I", None, tars), "I")
     assert "no inputs.json" in capsys.readouterr().out
     assert not (folder / INPUTS_FILE).exists()
+
+
+def test_an_unreadable_record_is_named(tmp_path: Path) -> None:
+    tars, folder = _shards(tmp_path / "shards"), tmp_path / "ckpt" / "stage_I"
+    folder.mkdir(parents=True)
+    (folder / INPUTS_FILE).write_text("{not json")
+    with pytest.raises(StageInputsChanged, match="unreadable stage record"):
+        check_stage_inputs(folder, stage_inputs(_cfg(tmp_path), "I", None, tars), "I")
