@@ -120,10 +120,10 @@ def torchrun_worker(args: argparse.Namespace) -> None:
 
     from pipelines.config import load_config
     from pipelines.train_config import TrainConfig
-    from pipelines.train_loop import StageRunner, _throughput
+    from pipelines.train_loop import StageRunner
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     cfg = load_config(TrainConfig, None, overrides(Path(args.data), Path(args.out), args.steps, args.family))
     runner = StageRunner(cfg, "II", device=torch.device("cpu"), init_weights=None, stage_dir=args.out)
     tars = sorted((Path(args.data) / "stage_II").glob("*.tar"))
@@ -136,8 +136,8 @@ def torchrun_worker(args: argparse.Namespace) -> None:
 
     it, rows = batches(), []
     for _ in range(args.steps):
-        raw = runner.step(it)
-        rows.append({"kind": "metrics", "metrics": _throughput(raw, world, GLOBAL_BATCH)})
+        runner.step(it)
+        rows.append({"kind": "metrics", "metrics": runner.flush()})  # per step, as the Ray run logs
     if rank == 0:
         Path(args.result).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     dist.destroy_process_group()

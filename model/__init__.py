@@ -7,7 +7,9 @@ Nothing registers itself on import; import what you use:
   ``build_task(model, flavor, cfg, vae=)`` -> ``loss, metrics = task(batch)``,
   ``build_collate(flavor, cfg, tokenizer)`` -> picklable ``list[Sample] -> batch``, ``decoder_blocks(model)``.
 - ``model.freeze``: ``FREEZE_SCHEDULES``, ``PARAM_GROUPS``, ``apply_freeze(model, family, stage)``.
-- ``model.collate``: ``collate(samples, ...)`` (pure), packing, ``build_attention_bias``.
+- ``model.collate``: ``collate(samples, ...)`` (pure), packing, the flat positions of slots and targets.
+- ``model.attention``: packed attention (one causal sequence per sample, no T x T mask), its layout.
+- ``model.losses``: chunked linear + cross-entropy, reductions, device-side metric sums.
 - ``model.tokenizer``: ``build_debug_tokenizer()``, ``load_tokenizer(flavor, path)``, ``special_ids(tok)``.
 - ``model.janus_pro`` / ``model.janusflow`` / ``model.janusflow_task``: builders (``build_vq``,
   ``build_vae``), tasks, ``build_ema`` / ``apply_ema_update`` / ``ema_state_dict``.

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from data_prep.schema import Sample
+from model.attention import KERNELS
 from model.collate import collate
 from model.flavors import FAMILIES, FlavorConfig, get_flavor
 from model.janus_pro import (
@@ -58,6 +59,9 @@ class ModelConfig:
     """Longest row (packed or not) in tokens."""
     pack: bool = False
     """Pack whole samples into rows of max_len (attention kept inside each sample)."""
+    attention: str = "auto"
+    """Training attention kernel (model.attention): varlen (FlashAttention, CUDA bf16), sdpa (per-sample
+    padded SDPA, any device), or auto (varlen where it runs, else sdpa)."""
     janus_pro: JanusProTaskConfig = field(default_factory=JanusProTaskConfig)
     """Janus-Pro loss options."""
     janusflow: JanusFlowTaskConfig = field(default_factory=JanusFlowTaskConfig)
@@ -71,6 +75,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.cfg_drop_prob must be in [0, 1), got {self.cfg_drop_prob}")
         if self.max_len <= 0:
             raise ValueError(f"ModelConfig.max_len must be positive, got {self.max_len}")
+        if self.attention not in KERNELS:
+            raise ValueError(f"ModelConfig.attention {self.attention!r} is not one of {KERNELS}")
 
 
 def resolve_family(flavor: FlavorConfig, family: str | None = None) -> str:
@@ -121,10 +127,10 @@ def build_task(model: nn.Module, flavor: FlavorConfig, cfg: ModelConfig | None =
             vq = load_vq(cfg.vq_path)
             if not holds_vq(model, vq):
                 apply_vq(model, vq)
-        return JanusProTask(model, cfg.janus_pro)
+        return JanusProTask(model, cfg.janus_pro, attention=cfg.attention)
     if vae is None:
         vae = load_vae(cfg.vae_path) if cfg.vae_path else build_vae(flavor)
-    return JanusFlowTask(model, vae, cfg.janusflow)
+    return JanusFlowTask(model, vae, cfg.janusflow, attention=cfg.attention)
 
 
 def _collate_with_rng(samples: Sequence[Sample], *, seed: int | None, **kwargs) -> dict[str, torch.Tensor]:

@@ -11,9 +11,19 @@ Batch keys (B rows, T tokens; N_u understanding images, N_g generation images, i
   sample has an image); ``gen_ids`` [N_g, n] (when every one has ``vq``); ``gen_latents`` (when every one
   has ``latent``); ``gen_task`` [N_g].
 
+Positions, as flat indices ``row * T + column`` into the [B, T] grid, computed here on the CPU so the step
+on the device never waits on the host to learn a size (boolean-mask indexing would):
+
+- ``text_pos`` [n_t]: the position whose hidden state predicts each trained text token (the token before
+  it), with ``text_targets``, ``text_task`` and ``text_sample`` (the target's sample) [n_t];
+- ``und_slot_pos`` / ``gen_slot_pos`` [N x n] (image slots, in image order), ``und_boi_pos`` /
+  ``gen_boi_pos`` [N] (their ``<begin_of_image>``), ``gen_sample`` [N_g] (each generation image's sample);
+- ``sample_task`` [n_samples]: the task of each sample (samples are numbered row-major, in row order);
+- ``attn_*``: the packed attention layout (model.attention.build_packed_layout).
+
 Packing (``max_len`` with ``pack=True``) concatenates whole samples into rows of at most ``max_len`` tokens
-(greedy, in order). Attention stays inside each sample because :func:`build_attention_bias` turns
-``segment_ids`` into a block-diagonal causal 4D mask, and ``position_ids`` restart at 0 for every sample.
+(greedy, in order). Attention stays inside each sample (model.attention: every sample is its own causal
+sequence) and ``position_ids`` restart at 0 for every sample.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ import torch
 from PIL import Image
 
 from data_prep.schema import GENERATION_TASKS, TASKS, Sample
-from model.prompts import GEN_SLOT, IGNORE, TEXT, Example, build_example
+from model.attention import build_packed_layout
+from model.prompts import GEN_BOI, GEN_SLOT, IGNORE, TEXT, UND_BOI, UND_SLOT, Example, build_example
 from model.tokenizer import SpecialIds
 
 PAD_RGB = (127, 127, 127)
@@ -184,6 +195,8 @@ def collate(
     # sample order row-major, so the order of samples is also the order of their images.
     order = [i for row in rows for i in row]
     batch = _fill_rows(examples, masks, rows, width, special.pad)
+    batch.update(position_tensors(batch))
+    batch.update(build_packed_layout(batch["segment_ids"], batch["attention_mask"]))
     batch.update(_image_tensors([samples[i] for i in order], und_image_size, gen_image_size))
     if "gen_ids" in batch and batch["gen_ids"].shape[1] != num_image_tokens:
         raise ValueError(f"collate: vq ids have {batch['gen_ids'].shape[1]} tokens, not {num_image_tokens}")
@@ -191,16 +204,32 @@ def collate(
     return batch
 
 
-def build_attention_bias(segment_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype):
-    """[B, T] segments + key mask -> additive [B, 1, T, T] causal mask kept inside each segment.
+def _flat_positions(mask: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(-1).nonzero().squeeze(1)
 
-    Padding queries attend to themselves only, so no row is fully masked (no NaN in softmax).
-    """
-    t = segment_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    allowed = causal & same & attention_mask.bool()[:, None, :]
-    allowed |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[:, None]
+
+def position_tensors(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The flat position indices of a filled batch (keys in the module docstring)."""
+    seg, kinds, labels = batch["segment_ids"], batch["kinds"], batch["labels"]
+    b, t = seg.shape
+    # samples numbered row-major: row r's segment s (>= 1) is sample offset[r] + s - 1
+    per_row = seg.max(dim=1).values
+    offset = torch.cumsum(per_row, 0) - per_row
+    sample = torch.where(seg > 0, offset[:, None] + seg - 1, -1).reshape(-1)
+    trained = torch.zeros(b, t, dtype=torch.bool)
+    trained[:, :-1] = labels[:, 1:] != IGNORE
+    text_pos = _flat_positions(trained)
+    gen_boi = _flat_positions(kinds == GEN_BOI)
+    first = _flat_positions((seg > 0) & (batch["position_ids"] == 0))
+    return {
+        "text_pos": text_pos,
+        "text_targets": labels.reshape(-1)[text_pos + 1],
+        "text_task": batch["token_task"].reshape(-1)[text_pos],
+        "text_sample": sample[text_pos],
+        "und_slot_pos": _flat_positions(kinds == UND_SLOT),
+        "und_boi_pos": _flat_positions(kinds == UND_BOI),
+        "gen_slot_pos": _flat_positions(kinds == GEN_SLOT),
+        "gen_boi_pos": gen_boi,
+        "gen_sample": sample[gen_boi],
+        "sample_task": batch["token_task"].reshape(-1)[first],
+    }

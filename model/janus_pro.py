@@ -14,14 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig
 from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
 from transformers.models.janus.modeling_janus import JanusVQVAE
 
-from model.collate import build_attention_bias
+from model.attention import PackedTask
 from model.flavors import FlavorConfig
-from model.losses import check_reduction, per_task_means, reduce_token_losses, text_token_losses, token_sample_ids
+from model.losses import (
+    Metric,
+    check_reduction,
+    linear_cross_entropy,
+    metric,
+    per_task_sums,
+    put_rows,
+    reduce_token_losses,
+    rows_at,
+    text_token_losses,
+)
 from model.prompts import GEN_SLOT, UND_SLOT
 
 
@@ -128,27 +137,25 @@ def vq_encode(model: JanusForConditionalGeneration, pixel_values: torch.Tensor) 
     return ids.view(pixel_values.shape[0], -1)
 
 
+def slot_positions(batch: dict, kind: int, key: str) -> torch.Tensor:
+    """Flat positions of one kind of slot: the collate function's (no host sync), or found from ``kinds``
+    (inference batches built elsewhere)."""
+    if key in batch:
+        return batch[key]
+    return (batch["kinds"].reshape(-1) == kind).nonzero().squeeze(1)
+
+
 def janus_pro_embeddings(model: JanusForConditionalGeneration, batch: dict, gen_ids: torch.Tensor | None):
     """Token embeddings with SigLIP features in understanding slots and VQ embeddings in generation slots."""
-    kinds = batch["kinds"]
     embeds = model.get_input_embeddings()(batch["input_ids"])
     und = batch.get("und_pixel_values")
     if und is not None and und.shape[0]:
         feats = model.model.get_image_features(und.to(embeds.dtype), return_dict=True).pooler_output
-        mask = (kinds == UND_SLOT).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        embeds = put_rows(embeds, slot_positions(batch, UND_SLOT, "und_slot_pos"), feats)
     if gen_ids is not None and gen_ids.shape[0]:
         gen = model.prepare_embeddings_for_image_generation(gen_ids)
-        mask = (kinds == GEN_SLOT).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, gen.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        embeds = put_rows(embeds, slot_positions(batch, GEN_SLOT, "gen_slot_pos"), gen)
     return embeds
-
-
-def llm_attention(batch: dict, dtype: torch.dtype) -> torch.Tensor:
-    """2D padding mask for one sample per row; a block-diagonal 4D mask for packed rows."""
-    if int(batch["segment_ids"].max()) <= 1:
-        return batch["attention_mask"]
-    return build_attention_bias(batch["segment_ids"], batch["attention_mask"], dtype)
 
 
 @dataclass(kw_only=True)
@@ -156,7 +163,7 @@ class JanusProTaskConfig:
     """Loss options of the Janus-Pro task."""
 
     compute_metrics: bool = True
-    """Report per-task losses (one host sync per task per step)."""
+    """Report per-task losses (device-side sums; no host sync)."""
     reduction: str = "token"
     """``token``: the mean over every trained text and image token; ``sample``: each sample's own mean, then
     the mean over samples (model.losses.REDUCTIONS)."""
@@ -165,11 +172,15 @@ class JanusProTaskConfig:
         check_reduction("JanusProTaskConfig", self.reduction)
 
 
-class JanusProTask(nn.Module):
-    """``loss, metrics = task(batch)``: text CE + image-token CE, averaged over all trained tokens."""
+class JanusProTask(PackedTask):
+    """``loss, metrics = task(batch)``: text CE + image-token CE over the trained tokens (see the reduction).
 
-    def __init__(self, model: JanusForConditionalGeneration, cfg: JanusProTaskConfig | None = None):
-        super().__init__()
+    The LLM runs over the packed attention layout of the batch (model.attention) with ``attention`` as its
+    kernel; ``metrics`` are device-side ``(sum, count)`` pairs (model.losses.Metric).
+    """
+
+    def __init__(self, model: JanusForConditionalGeneration, cfg: JanusProTaskConfig | None = None, attention="auto"):
+        super().__init__(model.model.language_model, attention)
         self.model = model
         self.cfg = cfg or JanusProTaskConfig()
 
@@ -183,34 +194,26 @@ class JanusProTask(nn.Module):
             return None
         return vq_encode(self.model, pix)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def image_token_losses(self, hidden: torch.Tensor, batch: dict, ids: torch.Tensor) -> torch.Tensor:
+        """CE of each image id [N_g * n]: the hidden state one slot earlier predicts it (<begin_of_image> -> id 0)."""
+        head = self.model.model.generation_head
+        pre = head.activation_fn(head.proj_out(rows_at(hidden, batch["gen_slot_pos"] - 1)))
+        return linear_cross_entropy(pre, head.vision_head, ids.reshape(-1))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, Metric]]:
         model = self.model
         ids = self.gen_ids(batch)
         embeds = janus_pro_embeddings(model, batch, ids)
-        hidden = model.model.language_model(
-            inputs_embeds=embeds,
-            attention_mask=llm_attention(batch, embeds.dtype),
-            position_ids=batch["position_ids"],
-        ).last_hidden_state
-        text_ce, text_mask = text_token_losses(hidden, batch["labels"], model.lm_head)
-        # hidden state at p-1 predicts the id in generation slot p: <begin_of_image> predicts id 0
-        gen_next = batch["kinds"][:, 1:] == GEN_SLOT
-        img_ce = hidden.new_zeros(0)
-        if ids is not None and ids.shape[0]:
-            logits = model.model.generation_head(hidden[:, :-1][gen_next])
-            img_ce = nn.functional.cross_entropy(logits.float(), ids.reshape(-1), reduction="none")
-        ids_of = None
-        if self.cfg.reduction == "sample":
-            seg = batch["segment_ids"]
-            # the image ids of generation sample g sit in the slots of its own row and segment
-            ids_of = [token_sample_ids(seg, text_mask), token_sample_ids(seg, gen_next)]
-        loss = reduce_token_losses([text_ce, img_ce], hidden, ids_of, self.cfg.reduction)
-        metrics: dict[str, float] = {"loss": float(loss.detach())}
-        if self.cfg.compute_metrics:
-            metrics.update(per_task_means(text_ce, batch["token_task"][:, 1:][text_mask], "loss"))
-            if img_ce.numel():
-                n = ids.shape[1]
-                metrics.update(per_task_means(img_ce, batch["gen_task"].repeat_interleave(n), "loss"))
-            metrics["tokens/text"] = float(text_ce.numel())
-            metrics["tokens/image"] = float(img_ce.numel())
+        hidden, _ = self.run_llm(model.model.language_model, embeds, batch)
+        text_ce = text_token_losses(hidden, batch, model.lm_head)
+        has_images = ids is not None and ids.shape[0] > 0
+        img_ce = self.image_token_losses(hidden, batch, ids) if has_images else text_ce[:0]
+        n_img = ids.shape[1] if has_images else 0
+        sample_ids = [batch["text_sample"], batch["gen_sample"].repeat_interleave(n_img)]
+        n = batch["sample_task"].shape[0]
+        loss = reduce_token_losses([text_ce, img_ce], hidden, sample_ids, self.cfg.reduction, n)
+        metrics = {"loss": metric(loss)}
+        if self.cfg.compute_metrics:  # text and generation tasks are disjoint: one sum per task
+            tasks = torch.cat([batch["text_task"], batch["gen_task"].repeat_interleave(n_img)])
+            metrics.update(per_task_sums(torch.cat([text_ce, img_ce]), tasks, "loss"))
         return loss, metrics

@@ -90,8 +90,9 @@ class GenerationEncoder(nn.Module):
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``t`` in [0, 1] (0 = noise, 1 = data); the sinusoid sees t * 1000 like the reference."""
-        t_emb = self.time_embed(self.time_proj(t.flatten() * 1000.0).to(z.dtype))
-        x = self.mid_block(self.in_conv(z), t_emb)
+        # t and z come from outside the (possibly bf16) model: cast them to its compute dtype where they enter
+        t_emb = self.time_embed(self.time_proj(t.flatten() * 1000.0).to(self.time_embed.linear_1.weight.dtype))
+        x = self.mid_block(self.in_conv(z.to(self.in_conv.weight.dtype)), t_emb)
         return x, t_emb, x
 
 

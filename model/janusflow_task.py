@@ -16,10 +16,20 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
+from model.attention import PackedTask
 from model.flavors import FlavorConfig
-from model.janus_pro import llm_attention
+from model.janus_pro import slot_positions
 from model.janusflow import JanusFlowModel
-from model.losses import check_reduction, per_task_means, reduce_token_losses, text_token_losses, token_sample_ids
+from model.losses import (
+    Metric,
+    check_reduction,
+    metric,
+    per_task_sums,
+    put_rows,
+    reduce_token_losses,
+    rows_at,
+    text_token_losses,
+)
 from model.prompts import GEN_BOI, GEN_SLOT, UND_BOI, UND_SLOT
 
 
@@ -83,16 +93,22 @@ class JanusFlowTaskConfig:
             raise ValueError(f"JanusFlowTaskConfig.repa_weight must be >= 0, got {self.repa_weight}")
 
 
-def scatter_rows(embeds: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Put ``rows`` (any leading shape, last dim D) into the positions of ``mask`` [B, T], in order."""
-    return embeds.masked_scatter(mask.unsqueeze(-1), rows.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+class JanusFlowTask(PackedTask):
+    """``loss, metrics = task(batch)`` for JanusFlow; holds the frozen VAE (not a trained parameter).
 
+    The LLM runs over the packed attention layout of the batch (model.attention) with ``attention`` as its
+    kernel; ``metrics`` are device-side ``(sum, count)`` pairs (model.losses.Metric). The flow state (clean
+    latents, noise, t, the target velocity) is kept in fp32 whatever the model's compute dtype.
+    """
 
-class JanusFlowTask(nn.Module):
-    """``loss, metrics = task(batch)`` for JanusFlow; holds the frozen VAE (not a trained parameter)."""
-
-    def __init__(self, model: JanusFlowModel, vae: AutoencoderKL | None, cfg: JanusFlowTaskConfig | None = None):
-        super().__init__()
+    def __init__(
+        self,
+        model: JanusFlowModel,
+        vae: AutoencoderKL | None,
+        cfg: JanusFlowTaskConfig | None = None,
+        attention: str = "auto",
+    ):
+        super().__init__(model.language_model, attention)
         self.model = model
         self.vae = [vae]  # a list hides it from .parameters()/.state_dict()/FSDP: it is frozen and not ours
         self.cfg = cfg or JanusFlowTaskConfig()
@@ -104,8 +120,9 @@ class JanusFlowTask(nn.Module):
         return super()._apply(fn, recurse)
 
     def latents(self, batch: dict) -> torch.Tensor | None:
+        """The clean scaled latents x1 (fp32) of the generation images, or None."""
         if "gen_latents" in batch:
-            return batch["gen_latents"] * self.model.flavor.flow.vae_scaling_factor
+            return batch["gen_latents"].float() * self.model.flavor.flow.vae_scaling_factor
         pix = batch.get("gen_pixel_values")
         if pix is None or not pix.shape[0]:
             if batch["gen_task"].numel():
@@ -113,72 +130,69 @@ class JanusFlowTask(nn.Module):
             return None
         if self.vae[0] is None:
             raise ValueError("JanusFlowTask needs a VAE to encode gen_pixel_values")
-        return vae_encode(self.vae[0], pix)
+        return vae_encode(self.vae[0], pix).float()
 
     def embed(self, batch: dict, x1: torch.Tensor | None):
-        """Input embeddings and, for generation, the flow state (t, z0, decoder skip, t_emb)."""
-        m, kinds = self.model, batch["kinds"]
+        """Input embeddings and, for generation, the flow state (z0, decoder skip, t_emb)."""
+        m = self.model
         embeds = m.language_model.get_input_embeddings()(batch["input_ids"])
         und = batch.get("und_pixel_values")
         if und is not None and und.shape[0]:
-            embeds = scatter_rows(embeds, kinds == UND_SLOT, m.understanding_features(und.to(embeds.dtype)))
+            feats = m.understanding_features(und.to(embeds.dtype))
+            embeds = put_rows(embeds, slot_positions(batch, UND_SLOT, "und_slot_pos"), feats)
             boi = m.beg_of_und_embed.expand(und.shape[0], -1)
-            embeds = scatter_rows(embeds, kinds == UND_BOI, boi)
+            embeds = put_rows(embeds, slot_positions(batch, UND_BOI, "und_boi_pos"), boi)
         if x1 is None:
             return embeds, None
-        t = sample_logit_normal(x1.shape[0], self.cfg.t_mu, self.cfg.t_sigma, x1.device).to(x1.dtype)
+        t = sample_logit_normal(x1.shape[0], self.cfg.t_mu, self.cfg.t_sigma, x1.device)
         z0 = torch.randn_like(x1)
         tt = t.view(-1, 1, 1, 1)
         zt = tt * x1 + (1 - tt) * z0
         tokens, t_emb, skip = m.encode_latents(zt, t)
-        embeds = scatter_rows(embeds, kinds == GEN_SLOT, tokens)
-        embeds = scatter_rows(embeds, kinds == GEN_BOI, t_emb)
+        embeds = put_rows(embeds, slot_positions(batch, GEN_SLOT, "gen_slot_pos"), tokens)
+        embeds = put_rows(embeds, slot_positions(batch, GEN_BOI, "gen_boi_pos"), t_emb)
         return embeds, (z0, skip, t_emb)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, Metric]]:
         m = self.model
         x1 = self.latents(batch)
         embeds, flow = self.embed(batch, x1)
-        out = m.language_model.model(
-            inputs_embeds=embeds,
-            attention_mask=llm_attention(batch, embeds.dtype),
-            position_ids=batch["position_ids"],
-            output_hidden_states=flow is not None,
-        )
-        hidden = out.last_hidden_state
-        text_ce, text_mask = text_token_losses(hidden, batch["labels"], m.language_model.lm_head)
-        ids_of = [token_sample_ids(batch["segment_ids"], text_mask)] if self.cfg.reduction == "sample" else None
-        loss = reduce_token_losses([text_ce], hidden, ids_of, self.cfg.reduction)
-        metrics: dict[str, float] = {}
+        capture = m.flavor.flow.repa_layer if flow is not None else 0
+        hidden, mid = self.run_llm(m.language_model.model, embeds, batch, capture)
+        text_ce = text_token_losses(hidden, batch, m.language_model.lm_head)
+        n = batch["sample_task"].shape[0]
+        loss = reduce_token_losses([text_ce], hidden, [batch["text_sample"]], self.cfg.reduction, n)
+        metrics: dict[str, Metric] = {}
+        rf_per_sample = text_ce[:0]
+        rf = repa = text_ce.new_zeros(())
         if flow is not None:
-            rf, repa = self.generation_losses(batch, hidden, out.hidden_states, x1, flow)
+            rf_per_sample, repa = self.generation_losses(batch, hidden, mid, x1, flow)
+            rf = rf_per_sample.mean()
             loss = loss + rf + self.cfg.repa_weight * repa
-            metrics.update({"loss/rf": float(rf.detach()), "loss/repa": float(repa.detach())})
-            if self.cfg.compute_metrics:  # per generation task: its samples' RF loss
-                metrics.update(per_task_means(self._rf_per_sample, batch["gen_task"], "loss"))
-        metrics["loss"] = float(loss.detach())
-        if self.cfg.compute_metrics:
-            metrics.update(per_task_means(text_ce, batch["token_task"][:, 1:][text_mask], "loss"))
-            metrics["tokens/text"] = float(text_ce.numel())
+        has_gen = float(flow is not None)  # count 0: no generation sample in this micro-batch
+        metrics["loss/rf"] = (rf.detach(), rf.new_full((), has_gen))
+        metrics["loss/repa"] = (repa.detach(), rf.new_full((), has_gen))
+        metrics["loss"] = metric(loss)
+        if self.cfg.compute_metrics:  # text tasks: token CE; generation tasks: their samples' RF loss
+            tasks = torch.cat([batch["text_task"], batch["gen_task"][: rf_per_sample.shape[0]]])
+            metrics.update(per_task_sums(torch.cat([text_ce, rf_per_sample]), tasks, "loss"))
         return loss, metrics
 
-    def generation_losses(self, batch, hidden, all_hidden, x1, flow) -> tuple[torch.Tensor, torch.Tensor]:
+    def generation_losses(self, batch, hidden, mid, x1, flow) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RF loss per generation sample [N_g], REPA loss) in fp32."""
         m, (z0, skip, t_emb) = self.model, flow
-        slots = batch["kinds"] == GEN_SLOT
-        n = x1.shape[0]
-        v = m.decode_velocity(hidden[slots].view(n, -1, hidden.shape[-1]), skip, t_emb)
-        per_sample = (v.float() - (x1 - z0).float()).pow(2).mean(dim=(1, 2, 3))
-        rf = per_sample.mean()
-        self._rf_per_sample = per_sample.detach()
+        slots = slot_positions(batch, GEN_SLOT, "gen_slot_pos")
+        n, d = x1.shape[0], hidden.shape[-1]
+        v = m.decode_velocity(rows_at(hidden, slots).view(n, -1, d), skip, t_emb)
+        per_sample = (v.float() - (x1 - z0)).pow(2).mean(dim=(1, 2, 3))
         pix = batch.get("gen_pixel_values")
         if pix is None or self.cfg.repa_weight == 0:
-            return rf, rf.new_zeros(())
-        mid = all_hidden[m.flavor.flow.repa_layer][slots].view(n, -1, hidden.shape[-1])
-        pred = m.repa_head(mid)
+            return per_sample, per_sample.new_zeros(())
+        pred = m.repa_head(rows_at(mid, slots).view(n, -1, d))
         with torch.no_grad():
             target = m.vision_und_enc_model(pixel_values=pix.to(pred.dtype)).last_hidden_state
         repa = -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
-        return rf, repa
+        return per_sample, repa
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A checkpoint directory holds:
     .metadata, __{rank}_0.distcp     model + optimizer, sharded (DCP; loads at any world size)
     trainer_state.json               step, samples seen per rank, LR scheduler state (rank 0)
-    rng_rank{r}.json                 each rank's torch / python / numpy RNG state
+    rng_rank{r}.json                 each rank's torch / python / numpy (and CUDA device) RNG state
 
 Every rank writes its own files into a local folder and hands it to ``ray.train.report``; Ray Train merges
 the ranks' files into one checkpoint and registers it only when every rank has reported, so a crash in
@@ -144,12 +144,16 @@ class TrainState:
 
 
 def _rng_state() -> dict[str, Any]:
+    """This rank's RNG states; with CUDA also the current device's (JanusFlow draws t and noise there)."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state().tolist(),
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -158,6 +162,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():  # absent when the checkpoint was written on CPUs
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def _json_safe_scheduler(sched: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:

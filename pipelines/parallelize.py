@@ -2,6 +2,12 @@
 
 The model stays a plain ``nn.Module``; these ``apply_*`` functions change it in place, in this order:
 activation checkpointing -> compile -> FSDP (per decoder block, then the root).
+
+Every worker shards, a single one too (a mesh of one device, as torchtitan does at shard degree 1): FSDP2's
+MixedPrecisionPolicy is what gives bf16 compute over fp32 master weights, and one code path runs at every
+world size. The root does not cast its inputs: each module that takes tensors from outside the model
+(pixels, VAE latents, flow time steps) casts them to its compute dtype where they enter, and targets such
+as the flow's velocity stay in fp32.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 DEVICE_TYPES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(kw_only=True)
@@ -21,8 +28,9 @@ class ParallelConfig:
     """cuda (NCCL) or cpu (gloo); auto picks cuda when the worker has a GPU."""
     replicate: int = 1
     """HSDP: replicate groups (e.g. the number of nodes); shard within each group. 1 = plain FSDP."""
-    mixed_precision: bool = True
-    """bf16 parameters/compute with fp32 gradient reduction on GPU; always fp32 on CPU."""
+    mixed_precision: str = "auto"
+    """bf16 (bf16 compute over fp32 weights, fp32 gradient reduction), fp32, or auto: bf16 on GPU, fp32 on
+    CPU (bf16 works there too, for tests, but CPU bf16 matmuls are slow)."""
     activation_checkpointing: bool = False
     """Recompute each decoder block in the backward pass (memory for compute)."""
     compile: bool = False
@@ -35,12 +43,31 @@ class ParallelConfig:
             raise ValueError(f"parallel.device must be one of {DEVICE_TYPES}, got {self.device!r}")
         if self.replicate < 1:
             raise ValueError(f"parallel.replicate must be >= 1, got {self.replicate}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"parallel.mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
 
 
 def resolve_device_type(cfg: ParallelConfig) -> str:
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.device
+
+
+def compute_dtype(cfg: ParallelConfig, device_type: str) -> torch.dtype:
+    """The dtype the model computes in (FSDP's param_dtype; frozen encoders on the GPU run in it too)."""
+    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def init_process_group(device_type: str) -> None:
+    """A process group of one when none exists (a single process outside Ray Train / torchrun), so a mesh
+    can be built at world size 1 too."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def build_device_mesh(device_type: str, world_size: int, replicate: int = 1) -> DeviceMesh:
@@ -66,9 +93,12 @@ def apply_activation_checkpointing(blocks: list[nn.Module], parent: nn.Module) -
     return [wrapped[id(b)] for b in blocks]
 
 
-def apply_compile(blocks: list[nn.Module]) -> None:
+def apply_compile(blocks: list[nn.Module], backend: str = "inductor") -> None:
+    """Compile each decoder block. Blocks share their code, so one compiled graph serves all of them; shapes
+    that change between batches (rows of a packed batch, sequence counts) become dynamic after the first
+    change instead of recompiling for each value."""
     for block in blocks:
-        block.compile()
+        block.compile(backend=backend)
 
 
 def apply_fsdp(
@@ -76,19 +106,26 @@ def apply_fsdp(
     blocks: list[nn.Module],
     mesh: DeviceMesh,
     *,
-    mixed_precision: bool,
+    param_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
-    """FSDP2: ``fully_shard`` each decoder block, then the root (which takes every remaining parameter)."""
+    """FSDP2: ``fully_shard`` each decoder block, then the root (which takes every remaining parameter).
+
+    With ``param_dtype`` bf16, parameters are gathered and computed in bf16 while the sharded master weights,
+    the optimizer and the gradient reduction stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs: dict = {"mesh": mesh}
-    if mixed_precision:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    block_kwargs: dict = {"mesh": mesh}
+    root_kwargs: dict = {"mesh": mesh}
+    if param_dtype != torch.float32:
+        block_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by the root's backward: keep them.
-        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **block_kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **root_kwargs)
     return model
 
 
@@ -112,23 +149,18 @@ def apply_all_params_in_graph(task: nn.Module, blocks: list[nn.Module]) -> None:
         task.register_forward_hook(hook)
 
 
-def apply_parallelism(
-    model: nn.Module, blocks: list[nn.Module], cfg: ParallelConfig, mesh: DeviceMesh | None
-) -> nn.Module:
-    """Everything in the right order; ``mesh=None`` (a single process) skips FSDP."""
-    device_type = mesh.device_type if mesh is not None else resolve_device_type(cfg)
-    if mesh is not None:
-        apply_all_params_in_graph(model, blocks)
+def apply_parallelism(model: nn.Module, blocks: list[nn.Module], cfg: ParallelConfig, mesh: DeviceMesh) -> nn.Module:
+    """Everything in the right order, on ``mesh`` (also a mesh of one device)."""
+    apply_all_params_in_graph(model, blocks)
     if cfg.activation_checkpointing:
         blocks = apply_activation_checkpointing(blocks, model)
     if cfg.compile:
         apply_compile(blocks)
-    if mesh is not None:
-        apply_fsdp(
-            model,
-            blocks,
-            mesh,
-            mixed_precision=cfg.mixed_precision and device_type == "cuda",
-            reshard_after_forward=cfg.reshard_after_forward,
-        )
+    apply_fsdp(
+        model,
+        blocks,
+        mesh,
+        param_dtype=compute_dtype(cfg, mesh.device_type),
+        reshard_after_forward=cfg.reshard_after_forward,
+    )
     return model

@@ -40,7 +40,7 @@ from pipelines.checkpoint import (
     save_checkpoint,
 )
 from pipelines.config import config_from_dict
-from pipelines.parallelize import apply_parallelism, build_device_mesh
+from pipelines.parallelize import apply_parallelism, build_device_mesh, compute_dtype, init_process_group
 from pipelines.stage_outputs import (
     export_stage_model,
     log_previews,
@@ -50,6 +50,7 @@ from pipelines.stage_outputs import (
 )
 from pipelines.tracking import Tracker, build_tracker
 from pipelines.train_config import StageConfig, TrainConfig, stage_index
+from pipelines.train_step import TrainStep
 
 WEIGHTS_FILE = "model.safetensors"
 DONE_FILE = "stage_done.json"
@@ -107,27 +108,9 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _mean_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
-    """Average each metric over the micro-batches, then over ranks (a key counts where it is present)."""
-    local: dict[str, list[float]] = {}
-    for m in metrics:
-        for k, v in m.items():
-            local.setdefault(k, []).append(v)
-    rank_means = {k: (sum(v) / len(v), len(v)) for k, v in local.items()}
-    _, world = _dist_info()
-    gathered = [rank_means]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rank_means)
-    out: dict[str, float] = {}
-    for key in sorted({k for g in gathered for k in g}):
-        vals = [g[key] for g in gathered if key in g]
-        out[key] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
-    return out
-
-
 def build_stage_model(cfg: TrainConfig, stage: str, init_weights: str | None, device: torch.device):
-    """Model + task for a stage, frozen by the stage's schedule; same init on every rank."""
+    """Model + task for a stage, frozen by the stage's schedule; same init on every rank. A frozen VAE
+    (JanusFlow) runs in the compute dtype on the GPU, in fp32 on the CPU."""
     flavor = get_flavor(cfg.model.flavor)
     family = resolve_family(flavor, cfg.model.family)
     torch.manual_seed(cfg.seed)
@@ -142,6 +125,8 @@ def build_stage_model(cfg: TrainConfig, stage: str, init_weights: str | None, de
     vae = getattr(task, "vae", [None])[0]
     if vae is not None:
         vae.to(device).eval().requires_grad_(False)
+        if device.type == "cuda" and compute_dtype(cfg.parallel, device.type) != vae.dtype:
+            vae.to(compute_dtype(cfg.parallel, device.type))
     return flavor, family, model, task, counts
 
 
@@ -191,17 +176,19 @@ class StageRunner:
         self, cfg: TrainConfig, stage: str, *, device: torch.device, init_weights: str | None, stage_dir: str | Path
     ) -> None:
         self.cfg, self.stage, self.scfg = cfg, stage, cfg.stage[stage]
+        init_process_group(device.type)
         self.rank, self.world = _dist_info()
         self.device = device
         if device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals from small late-training values slow CPU math ~10x
+        else:
+            torch.cuda.set_device(device)  # the CUDA RNG state a checkpoint saves is this device's
         self.micro, self.accum = self.scfg.accumulation(self.world)
         self.flavor, self.family, self.model, self.task, counts = build_stage_model(cfg, stage, init_weights, device)
         self.trainable = counts["_all"]["trainable"]
-        mesh = build_device_mesh(device.type, self.world, cfg.parallel.replicate) if self.world > 1 else None
+        self.task.to(device)
+        mesh = build_device_mesh(device.type, self.world, cfg.parallel.replicate)
         apply_parallelism(self.task, decoder_blocks(self.model), cfg.parallel, mesh)
-        if mesh is None:
-            self.task.to(device)
         params = [p for p in self.task.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,
@@ -209,6 +196,7 @@ class StageRunner:
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay,
+            fused=device.type == "cuda",  # one kernel, and its step counter stays on the device (no sync)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.scfg))
         self.state = TrainState()
@@ -219,6 +207,17 @@ class StageRunner:
         self.out_dir = Path(stage_dir)
         self.ema = build_ema(self.model, cfg.ema_decay) if self.family == "janusflow" and cfg.ema_decay else None
         self.peak = peak_flops(device, cfg.mfu_peak_tflops)
+        stage_number = stage_index(stage)
+        self.train_step = TrainStep(
+            self.task,
+            self.optimizer,
+            self.scheduler,
+            device=device,
+            accum=self.accum,
+            grad_clip=cfg.optim.grad_clip,
+            count=lambda batch: flops_per_batch(self.flavor, self.family, batch, stage=stage_number),
+            after_step=(lambda: apply_ema_update(self.ema, self.model)) if self.ema is not None else None,
+        )
 
     def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"ema": self.ema.shadow} if self.ema is not None else {}
@@ -239,39 +238,15 @@ class StageRunner:
             tags=tags,
         )
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def step(self, batches: Iterator[list[Sample]]) -> dict[str, float]:
-        """One optimizer step over ``accum`` micro-batches; returns this rank's raw metrics."""
-        t0 = time.perf_counter()
-        wait, metrics, tokens, flops = 0.0, [], 0, 0.0
-        for _ in range(self.accum):
-            w0 = time.perf_counter()
-            samples = next(batches)
-            batch = self._to_device(self.collate(samples))
-            wait += time.perf_counter() - w0
-            loss, m = self.task(batch)
-            (loss / self.accum).backward()
-            metrics.append(m)
-            tokens += int(batch["attention_mask"].sum())
-            flops += flops_per_batch(self.flavor, self.family, batch, stage=stage_index(self.stage))
-        params = [p for p in self.task.parameters() if p.requires_grad]
-        clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            apply_ema_update(self.ema, self.model)
+    def step(self, batches: Iterator[list[Sample]]) -> None:
+        """One optimizer step over ``accum`` micro-batches (metrics stay on the device until :meth:`flush`)."""
+        self.train_step(lambda: self.collate(next(batches)))
         self.state.step += 1
         self.state.samples_seen += self.micro * self.accum
-        out = _mean_metrics(metrics)
-        out.update({"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]})
-        out.update({"_tokens": float(tokens), "_data_wait_s": wait, "_step_s": time.perf_counter() - t0})
-        out["_flops"] = flops
-        return out
+
+    def flush(self) -> dict[str, float]:
+        """Collective: the metrics since the last flush, reduced over ranks (see pipelines.train_step)."""
+        return self.train_step.flush(self.scfg.global_batch, self.peak)
 
     def publish(self, tracker: Tracker, final: bool) -> None:
         """Collective: previews (and at the end: stage weights, export) from the gathered full weights."""
@@ -323,24 +298,6 @@ class StageRunner:
             pgid=driver_pgid,
             marker=marker,
         )
-
-
-def _throughput(raw: dict[str, float], world: int, global_batch: int, peak: float | None = None) -> dict[str, float]:
-    step_s = raw.pop("_step_s")
-    achieved = raw.pop("_flops", 0.0) / step_s  # per device: each rank counts its own micro-batches
-    raw["tflops_per_s_per_device"] = achieved / 1e12
-    if peak:
-        raw["mfu"] = achieved / peak
-    tokens = raw.pop("_tokens") * world  # every rank runs the same number of micro-batches
-    raw.update(
-        {
-            "step_time_s": step_s,
-            "data_wait_s": raw.pop("_data_wait_s"),
-            "samples_per_s": global_batch / step_s,
-            "tokens_per_s": tokens / step_s,
-        }
-    )
-    return raw
 
 
 def maybe_inject_fault(cfg: TrainConfig, stage: str, rank: int, step: int, stage_dir: Path) -> None:
@@ -425,13 +382,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 }
             )
         while runner.state.step < scfg.steps:
-            raw = runner.step(batches)
+            runner.step(batches)
             step = runner.state.step
-            metrics = _throughput(raw, runner.world, scfg.global_batch, runner.peak)
-            if step % cfg.log_every == 0 or step == scfg.steps:
-                tracker.log_metrics(metrics, step=step)
             last = step == scfg.steps
-            if last or step % cfg.checkpoint.every_steps == 0:
+            checkpoint = last or step % cfg.checkpoint.every_steps == 0
+            if checkpoint or step % cfg.log_every == 0:  # the only points where the host waits on the device
+                metrics = runner.flush()
+                tracker.log_metrics(metrics, step=step)
+            if checkpoint:
                 runner.report({"step": step, "loss": metrics["loss"]}, True, int(loop.get("driver_pgid", 0)))
             if cfg.sample_every and step % cfg.sample_every == 0 and not last:
                 runner.publish(tracker, final=False)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import itertools
 import random
 
 import pytest
 import torch
 from PIL import Image
 
-from model.collate import build_attention_bias, collate, preprocess_understanding
+from data_prep.schema import TASKS
+from model.collate import collate, preprocess_understanding
 from model.prompts import GEN_BOI, GEN_SLOT, IGNORE, UND_BOI, UND_SLOT
 from tests.model.toy import ALL_TASKS, make_sample, png
 
@@ -108,13 +110,19 @@ def test_packing_keeps_attention_inside_samples(tokenizer, special):
         for s in seg[r].unique().tolist():
             if s:
                 assert pos[r][seg[r] == s].tolist() == list(range(int((seg[r] == s).sum())))
-    bias = build_attention_bias(seg, batch["attention_mask"], torch.float32)[:, 0]
-    allowed = bias == 0
-    r = int((seg.max(1).values >= 2).nonzero()[0])
-    first, second = (seg[r] == 1).nonzero().flatten(), (seg[r] == 2).nonzero().flatten()
-    assert not allowed[r][second[0], first].any()  # no attention across samples
-    assert allowed[r][second[-1], second].all()  # causal inside the sample
-    assert not allowed[r][first[0], first[1]]  # and causal
+    # the attention layout: one sequence per sample, its tokens in order, never two samples in one
+    cu, perm = batch["attn_cu_seqlens"].tolist(), batch["attn_perm"]
+    flat_seg, flat_pos = seg.reshape(-1), pos.reshape(-1)
+    row_of = torch.arange(seg.numel()) // seg.shape[1]
+    for a, b in itertools.pairwise(cu):
+        tokens = perm[a:b]
+        assert len(set(zip(row_of[tokens].tolist(), flat_seg[tokens].tolist(), strict=True))) == 1
+        assert flat_pos[tokens].tolist() == sorted(flat_pos[tokens].tolist())
+    assert cu[-1] == int((seg > 0).sum())  # every real token is in its sample's sequence (nothing masked here)
+    # the flat positions name the right tokens
+    assert (batch["kinds"].reshape(-1)[batch["gen_slot_pos"]] == GEN_SLOT).all()
+    assert torch.equal(batch["labels"].reshape(-1)[batch["text_pos"] + 1], batch["text_targets"])
+    assert batch["sample_task"].tolist() == [TASKS.index(t) for t in ALL_TASKS]  # packing keeps the order
     # every sample's tokens appear exactly once across the packed rows
     assert int((batch["kinds"] == GEN_SLOT).sum()) == 2 * 64
     assert sorted(batch["token_task"][seg > 0].unique().tolist()) == list(range(6))

@@ -7,6 +7,7 @@ import torch
 from model.build import ModelConfig, build_collate, build_model, build_task
 from model.flavors import get_flavor
 from model.freeze import apply_freeze
+from model.losses import metric_values
 from tests.model.toy import ALL_TASKS, make_sample
 
 
@@ -22,7 +23,8 @@ def overfit(family: str, steps: int, lr: float = 3e-3) -> tuple[dict[str, float]
     first: dict[str, float] = {}
     for _ in range(steps):
         torch.manual_seed(1234)  # the same t and noise every step: a fixed batch for the flow loss too
-        loss, metrics = task(batch)
+        loss, device_metrics = task(batch)
+        metrics = metric_values(device_metrics)
         first = first or metrics
         opt.zero_grad()
         loss.backward()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from model.collate import collate
 from model.janus_pro import JanusProTask, build_janus_pro, vq_encode
+from model.losses import metric_values
 from model.prompts import prompt_ids
 from tests.model.toy import make_sample
 
@@ -36,7 +37,7 @@ def test_understanding_loss_equals_transformers_loss(debug_flavor, tokenizer, sp
     ).loss
     assert batch["und_pixel_values"].shape[0] == 4
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    assert {"loss/caption", "loss/chart_doc", "loss/sft", "loss/text"} <= set(metrics)
+    assert {"loss/caption", "loss/chart_doc", "loss/sft", "loss/text"} <= set(metric_values(metrics))
 
 
 def _direct_t2i_loss(model, tokenizer, special, sample, ids: torch.Tensor) -> torch.Tensor:
@@ -99,8 +100,8 @@ def test_sample_reduction_weighs_every_sample_the_same(debug_flavor, tokenizer, 
     # the token mean weighs the 64-id image samples far more than a short answer
     counts = []
     for s in samples:
-        _, m = token_task(_collate([s], tokenizer, special))
-        counts.append(m["tokens/text"] + m["tokens/image"])
+        alone_batch = _collate([s], tokenizer, special)
+        counts.append(alone_batch["text_pos"].numel() + alone_batch["gen_slot_pos"].numel())
     weights = torch.tensor(counts) / sum(counts)
     torch.testing.assert_close(token_task(plain)[0], (alone * weights).sum(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(token_task(plain)[0], alone.mean(), rtol=1e-3)
@@ -141,7 +142,7 @@ def test_janusflow_packed_batch_has_the_same_loss(debug_flavor, tokenizer, speci
     torch.manual_seed(5)  # same t and noise per generation image, in the same order
     b, mb = task(packed)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert abs(ma["loss/repa"] - mb["loss/repa"]) < 1e-5
+    assert abs(metric_values(ma)["loss/repa"] - metric_values(mb)["loss/repa"]) < 1e-5
 
 
 def test_ema_update_is_an_exponential_average():
