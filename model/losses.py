@@ -82,9 +82,13 @@ def rows_at(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def put_rows(embeds: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``embeds`` [B, T, D] with ``rows`` (any leading shape, last dim D) at the flat ``positions``."""
-    flat = embeds.reshape(-1, embeds.shape[-1])
-    return flat.index_copy(0, positions, rows.reshape(-1, flat.shape[-1]).to(flat.dtype)).view_as(embeds)
+    """``embeds`` [B, T, D] with ``rows`` (any leading shape, last dim D) at the flat ``positions``.
+
+    A new [B, T, D] tensor, not a view of a flat one: a compiled decoder block would guard on the view's
+    base and compile the first block apart from the others."""
+    t = embeds.shape[1]
+    values = rows.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    return embeds.index_put((positions // t, positions % t), values)
 
 
 def text_token_losses(hidden: torch.Tensor, batch: dict, lm_head: nn.Linear) -> torch.Tensor:

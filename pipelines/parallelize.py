@@ -94,11 +94,14 @@ def apply_activation_checkpointing(blocks: list[nn.Module], parent: nn.Module) -
 
 
 def apply_compile(blocks: list[nn.Module], backend: str = "inductor") -> None:
-    """Compile each decoder block. Blocks share their code, so one compiled graph serves all of them; shapes
-    that change between batches (rows of a packed batch, sequence counts) become dynamic after the first
-    change instead of recompiling for each value."""
+    """Compile each decoder block. Blocks share their code, so one compiled graph serves all of them.
+
+    Compiled with dynamic shapes from the start: the rows of a packed batch, the number and length of its
+    samples and its token count change from batch to batch, and marking them dynamic on the tensors does not
+    survive FSDP2's pre-forward hook (it hands the block new tensors), so static compilation would recompile
+    once per newly seen size, up to dynamo's limit."""
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, dynamic=True)
 
 
 def apply_fsdp(
