@@ -20,6 +20,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.flavors import FlavorConfig
 from model.prompts import GEN_SLOT, UND_SLOT
 
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0}
+"""Dense bf16 peak per GPU, by device-name fragment (for the MFU estimate)."""
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device for MFU: the override, a known GPU, or None (CPU: no meaningful peak)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
 
 def _eager_attention(model: torch.nn.Module) -> None:
     """Attention as plain matmuls: FlopCounterMode does not see fused CPU/meta SDPA kernels."""

@@ -35,6 +35,8 @@ class ParallelConfig:
     """Recompute each decoder block in the backward pass (memory for compute)."""
     compile: bool = False
     """torch.compile each decoder block."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (aot_eager or eager to tell a compiler problem from a model one)."""
     reshard_after_forward: bool = True
     """FSDP: free gathered block parameters after forward (ZeRO-3); False keeps them (ZeRO-2-like)."""
 
@@ -158,7 +160,7 @@ def apply_parallelism(model: nn.Module, blocks: list[nn.Module], cfg: ParallelCo
     if cfg.activation_checkpointing:
         blocks = apply_activation_checkpointing(blocks, model)
     if cfg.compile:
-        apply_compile(blocks)
+        apply_compile(blocks, cfg.compile_backend)
     apply_fsdp(
         model,
         blocks,

@@ -21,9 +21,6 @@ from model.build import build_model
 from model.flavors import FlavorConfig
 from pipelines.tracking import Tracker
 
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0}
-"""Dense bf16 peak per GPU, by device-name fragment (for the MFU estimate)."""
-
 
 @dataclass(kw_only=True)
 class PreviewConfig:
@@ -39,16 +36,6 @@ class PreviewConfig:
     """Sampling seed, fixed so previews are comparable across steps."""
     max_new_tokens: int = 16
     """Longest answer."""
-
-
-def peak_flops(device: torch.device, override_tflops: float) -> float | None:
-    """Peak FLOP/s of one device for MFU: the override, a known GPU, or None (CPU: no meaningful peak)."""
-    if override_tflops > 0:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:

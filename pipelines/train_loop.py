@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from data_prep.schema import Sample, decode_sample
-from model.build import build_collate, build_model, build_task, decoder_blocks, resolve_family
+from model.build import build_collate, build_model, build_task, resolve_family
 from model.flavors import get_flavor
-from model.flops import flops_per_batch
+from model.flops import flops_per_batch, peak_flops
 from model.freeze import apply_freeze
 from model.janusflow_task import apply_ema_update, build_ema
 from model.tokenizer import load_tokenizer
@@ -40,17 +40,16 @@ from pipelines.checkpoint import (
     save_checkpoint,
 )
 from pipelines.config import config_from_dict
-from pipelines.parallelize import apply_parallelism, build_device_mesh, compute_dtype, init_process_group
+from pipelines.parallelize import compute_dtype, init_process_group
 from pipelines.stage_outputs import (
     export_stage_model,
     log_previews,
-    peak_flops,
     run_previews,
     unsharded_model,
 )
 from pipelines.tracking import Tracker, build_tracker
 from pipelines.train_config import StageConfig, TrainConfig, stage_index
-from pipelines.train_step import TrainStep
+from pipelines.train_step import TrainStep, build_optimizer, parallelize_task
 
 WEIGHTS_FILE = "model.safetensors"
 DONE_FILE = "stage_done.json"
@@ -176,7 +175,7 @@ class StageRunner:
         self, cfg: TrainConfig, stage: str, *, device: torch.device, init_weights: str | None, stage_dir: str | Path
     ) -> None:
         self.cfg, self.stage, self.scfg = cfg, stage, cfg.stage[stage]
-        init_process_group(device.type)
+        init_process_group(device.type)  # a group of one outside Ray Train: a mesh at every world size
         self.rank, self.world = _dist_info()
         self.device = device
         if device.type == "cpu":
@@ -186,17 +185,13 @@ class StageRunner:
         self.micro, self.accum = self.scfg.accumulation(self.world)
         self.flavor, self.family, self.model, self.task, counts = build_stage_model(cfg, stage, init_weights, device)
         self.trainable = counts["_all"]["trainable"]
-        self.task.to(device)
-        mesh = build_device_mesh(device.type, self.world, cfg.parallel.replicate)
-        apply_parallelism(self.task, decoder_blocks(self.model), cfg.parallel, mesh)
-        params = [p for p in self.task.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params,
+        parallelize_task(self.task, self.model, cfg.parallel, device)
+        self.optimizer = build_optimizer(
+            self.task,
             lr=self.scfg.lr,
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay,
-            fused=device.type == "cuda",  # one kernel, and its step counter stays on the device (no sync)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.scfg))
         self.state = TrainState()

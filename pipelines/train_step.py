@@ -25,9 +25,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.build import decoder_blocks
 from model.losses import Metric, metric
+from pipelines.parallelize import ParallelConfig, apply_parallelism, build_device_mesh, init_process_group
 
 Batch = dict[str, Any]
+
+
+def parallelize_task(task: nn.Module, model: nn.Module, cfg: ParallelConfig, device: torch.device) -> None:
+    """Shard ``task`` (the FSDP root, holding ``model``) on a mesh of every rank, one rank included."""
+    init_process_group(device.type)
+    world = dist.get_world_size()
+    task.to(device)
+    apply_parallelism(task, decoder_blocks(model), cfg, build_device_mesh(device.type, world, cfg.replicate))
+
+
+def build_optimizer(
+    task: nn.Module, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; fused on CUDA (one kernel, its step counter on the device)."""
+    params = [p for p in task.parameters() if p.requires_grad]
+    cuda = any(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=cuda)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -138,20 +138,17 @@ def test_step_never_waits_on_the_device(family: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("family", ["janus_pro", "janusflow"])
-def test_compiled_blocks_compile_once_across_packed_batches(family: str, tmp_path: Path, monkeypatch) -> None:
+def test_compiled_blocks_compile_once_across_packed_batches(family: str, tmp_path: Path) -> None:
     """Packed batches differ in rows, sample count and sample lengths; the blocks must not recompile for each.
     dynamo decides recompiles before any backend runs, so its plain "eager" backend keeps this fast."""
     import random
 
     import torch._dynamo
 
-    from pipelines import parallelize
-
-    real_compile = parallelize.apply_compile
-    monkeypatch.setattr(parallelize, "apply_compile", lambda blocks: real_compile(blocks, backend="eager"))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    runner = _runner(tmp_path, family, "bf16", "parallel.compile=true", "stage.II.micro_batch=12")
+    extra = ("parallel.compile=true", "parallel.compile_backend=eager", "stage.II.micro_batch=12")
+    runner = _runner(tmp_path, family, "bf16", *extra)
     rng = random.Random(0)
     samples = [make_sample(t, i, vq_tokens=64) for i, t in enumerate(ALL_TASKS * 6)]
     rows: set[int] = set()
