@@ -9,12 +9,17 @@ The DAG, each step a Ray Data stage or a small driver step:
 2. process units (Ray Data ``map_batches``, one unit per call; an actor pool when scorers are configured):
    read -> validate -> filter -> decode/convert -> hash/pHash -> normalise, staged per unit under
    ``{out}/_work`` (atomic files: a rerun skips units already staged);
-3. dedup (driver): global exact + near-duplicate pass over the small (key, hash, pHash) table of all sources;
-4. write (Ray Data ``map_batches``, one shard per call): contiguous, deterministic shards through
+3. dedup (Ray Data groupings, data_prep.dedup_stages): exact, near and text duplicates across all sources,
+   then per unit its kept samples and its rejects (data_prep.decide), as parquet under ``{out}/_work``;
+4. plan (a Ray task per source): where each shard starts, streamed over the kept files; the rejects ledger;
+5. write (Ray Data ``map_batches``, one shard per call): contiguous, deterministic shards through
    data_prep.shards.TarShardWriter, then a .parquet and a _stats.json (last) beside each tar; a shard whose
    stats match is reused;
-5. finish (driver): rejects ledger, manifest.json, the accounting check inputs = kept + rejected, the
-   summary table and the MLflow run "curate".
+6. finish (driver): manifest.json, the accounting check inputs = kept + rejected, the summary table and the
+   MLflow run "curate".
+
+The driver holds per-unit and per-shard summaries only, never a row per sample: its memory does not grow
+with the corpus (benchmarks/curate_scale.py, benchmarks/curate_memory.py).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -35,31 +39,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_prep.dedup import DedupConfig, find_duplicates
+from data_prep.decide import decide_units, plan_sources, shard_members, shard_ranges
+from data_prep.dedup import DedupConfig
 from data_prep.imaging import ImageConfig
-from data_prep.process import SMALL_COLUMNS, InjectedFailure, process_unit, staging_path
+from data_prep.process import InjectedFailure, process_unit, staging_path
 from data_prep.report import grid_image, source_metrics, summary_table
 from data_prep.schema import SCHEMA_VERSION
 from data_prep.scorers import ScorerConfig, build_scorers
 from data_prep.sources import SourceConfig, Unit, list_units
-from data_prep.writer import (
-    ShardConfig,
-    atomic_write_json,
-    keys_digest,
-    plan_shards,
-    remove_stale,
-    write_rejects,
-    write_shard,
-)
+from data_prep.writer import ShardConfig, atomic_write_json, remove_stale, write_shard
 from pipelines.config import parse_job_args, save_resolved, to_flat_dict
 from pipelines.tracking import TrackingConfig, build_tracker
 
 WORK_DIR = "_work"
 LOG_DIR = "_logs"
+SHUFFLES = ("sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2")
 
 
 @dataclass(kw_only=True)
@@ -78,10 +74,19 @@ class ExecConfig:
     """Fault injection for tests: this job-wide shard number raises after its tar, before its stats (-1: off)."""
     kill_at_unit: int = -1
     """Fault drill: the Ray worker processing this job-wide unit number dies by SIGKILL, once (-1: off)."""
+    dedup_rows_per_task: int = 200_000
+    """Rows one dedup task handles (partitions = rows / this): a task's memory stays flat as the corpus grows."""
+    shuffle: str = "sort_shuffle_pull_based"
+    """Ray Data shuffle strategy of the dedup groupings: sort_shuffle_pull_based (tasks; least overhead),
+    sort_shuffle_push_based (thousands of partitions), hash_shuffle or shuffle_v2 (aggregator actors)."""
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0 or self.scorer_actors < 1:
             raise ValueError("exec.num_cpus must be >= 0 and exec.scorer_actors >= 1")
+        if self.dedup_rows_per_task < 1:
+            raise ValueError(f"exec.dedup_rows_per_task must be >= 1, got {self.dedup_rows_per_task}")
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"exec.shuffle {self.shuffle!r} is not one of {SHUFFLES}")
 
 
 @dataclass(kw_only=True)
@@ -212,14 +217,17 @@ class ScoringUnitRunner:
         return _run_units(batch, self.ctx, self.scorers)
 
 
-def configure_ray_data(progress: bool) -> None:
+def configure_ray_data(progress: bool, shuffle: str = "sort_shuffle_pull_based") -> None:
     """Progress bars on request; no per-operator resource reservation: our plans are one map each, and the
-    reservation would hold back half the CPUs of a small machine (1 task at a time on 2 cores)."""
+    reservation would hold back half the CPUs of a small machine (1 task at a time on 2 cores). ``shuffle``:
+    the strategy of the dedup groupings (ExecConfig.shuffle)."""
     import ray
+    from ray.data.context import ShuffleStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.op_resource_reservation_enabled = False
+    ctx.shuffle_strategy = ShuffleStrategy(shuffle)
 
 
 def process_all_units(cfg: CurateConfig, units: list[Unit], work: Path) -> list[dict[str, Any]]:
@@ -233,7 +241,7 @@ def process_all_units(cfg: CurateConfig, units: list[Unit], work: Path) -> list[
         if not staging_path(str(work), u.source, u.index).exists()
     ]
     if pending:
-        configure_ray_data(cfg.exec.progress)
+        configure_ray_data(cfg.exec.progress, cfg.exec.shuffle)
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         if cfg.scorers:
             gpus = sum(s.num_gpus for s in cfg.scorers)
@@ -255,85 +263,20 @@ def _unit_summary(work: Path, unit: Unit) -> dict[str, Any]:
     return json.loads(meta[b"janus.unit"])
 
 
-def load_small_table(work: Path, units: list[Unit]) -> pa.Table:
-    """Staging rows of all units without payload, in job order (sources in config order, then input order)."""
-    tables = []
-    for i, u in enumerate(units):
-        t = pq.read_table(staging_path(str(work), u.source, u.index), columns=SMALL_COLUMNS)
-        tables.append(
-            t.append_column("source", pa.array([u.source] * len(t), pa.string())).append_column(
-                "job_unit", pa.array([i] * len(t), pa.int32())
-            )
-        )
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in SMALL_COLUMNS})
-
-
-KEPT_COLUMNS = ["source", "unit", "pos", "key", "tar_bytes"]
-"""What shard planning needs of each kept sample."""
-
-
-def decide(small: pa.Table, cfg: CurateConfig) -> tuple[pa.Table, dict[str, list[dict]]]:
-    """Global dedup. Returns the kept samples (KEPT_COLUMNS, job order) and, per source, its reject ledger rows.
-
-    Column-wise: only rejected inputs become Python dicts (a dict per sample made the driver's memory grow
-    with the corpus, ~1.5 kB a sample)."""
-    rejects: dict[str, list[dict]] = {s.name: [] for s in cfg.sources}
-    if small.num_rows == 0:
-        return pa.table(
-            {c: pa.array([], pa.string() if c in ("source", "key") else pa.int64()) for c in KEPT_COLUMNS}
-        ), rejects
-    keep = np.array(pc.is_null(small["reason"]).to_numpy(zero_copy_only=False), dtype=bool)
-    cand = np.flatnonzero(keep)
-    cands = small.select(["key", "content_hash", "phash", "source"]).take(pa.array(cand))
-    joins = {s.name: s.dedup for s in cfg.sources}
-    dups = find_duplicates(
-        cands["key"].to_pylist(),
-        cands["content_hash"].to_pylist(),
-        cands["phash"].to_pylist(),
-        cfg.dedup,
-        [joins[name] for name in cands["source"].to_pylist()],
-    )
-    del cands
-    duplicate: dict[int, tuple[str, str]] = {}
-    for i, dup in zip(cand.tolist(), dups, strict=True):
-        if dup is not None:
-            keep[i] = False
-            duplicate[i] = dup
-    dropped = np.flatnonzero(~keep)
-    ledger = small.select(["location", "key", "source_key", "reason", "detail", "source"]).take(pa.array(dropped))
-    for i, r in zip(dropped.tolist(), ledger.to_pylist(), strict=True):
-        dup = duplicate.get(i)
-        reason, detail, dup_of = (dup[0], "", dup[1]) if dup else (r["reason"], r["detail"] or "", None)
-        rejects[r["source"]].append(
-            {
-                "location": r["location"],
-                "key": r["key"],
-                "source_key": r["source_key"],
-                "reason": reason,
-                "detail": detail,
-                "duplicate_of": dup_of,
-            }
-        )
-    return small.select(KEPT_COLUMNS).filter(pa.array(keep)), rejects
-
-
-def shard_specs(cfg: CurateConfig, kept: pa.Table, chash: str) -> list[dict[str, Any]]:
+def shard_specs(
+    cfg: CurateConfig, decided: list[dict[str, Any]], plans: dict[str, dict[str, Any]], chash: str
+) -> list[dict[str, Any]]:
+    """One spec per shard, in job order: which kept rows of which units it holds (from per-unit counts)."""
     specs: list[dict[str, Any]] = []
     for src in cfg.sources:
-        rows = kept.filter(pc.equal(kept["source"], src.name))
-        units = rows["unit"].to_numpy()
-        positions = rows["pos"].to_numpy()
-        for index, (start, stop) in enumerate(plan_shards(rows["tar_bytes"].to_pylist(), cfg.shards)):
-            unit, pos = units[start:stop], positions[start:stop]
-            cuts = [0, *(np.flatnonzero(np.diff(unit)) + 1).tolist(), len(unit)]
-            members = [[int(unit[a]), pos[a:b].tolist()] for a, b in itertools.pairwise(cuts)]
+        kept = [(d["unit"], d["kept"]) for d in decided if d["source"] == src.name]
+        for index, ranges in enumerate(shard_ranges(kept, plans[src.name]["starts"])):
             specs.append(
                 {
                     "source": src.name,
                     "index": index,
-                    "members": members,
+                    "ranges": ranges,
                     "config_hash": chash,
-                    "keys_digest": keys_digest(rows["key"].slice(start, stop - start).to_pylist()),
                     "fail": len(specs) == cfg.exec.fail_at_shard,
                 }
             )
@@ -342,7 +285,12 @@ def shard_specs(cfg: CurateConfig, kept: pa.Table, chash: str) -> list[dict[str,
 
 def write_shards_batch(batch: dict[str, np.ndarray], work: str, out: str) -> dict[str, list]:
     """Ray Data task: write the shards of a batch of specs."""
-    return {"stats": [json.dumps(write_shard(json.loads(str(s)), work, out)) for s in batch["spec"]]}
+    stats = []
+    for text in batch["spec"]:
+        spec = json.loads(str(text))
+        spec["members"], spec["keys_digest"] = shard_members(work, spec["source"], spec.pop("ranges"))
+        stats.append(json.dumps(write_shard(spec, work, out)))
+    return {"stats": stats}
 
 
 def write_all_shards(cfg: CurateConfig, specs: list[dict[str, Any]], work: Path) -> list[dict[str, Any]]:
@@ -350,7 +298,6 @@ def write_all_shards(cfg: CurateConfig, specs: list[dict[str, Any]], work: Path)
 
     if not specs:
         return []
-    configure_ray_data(cfg.exec.progress)
     ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs))
     ds = ds.map_batches(write_shards_batch, batch_size=1, num_cpus=1, fn_kwargs={"work": str(work), "out": cfg.out_dir})
     stats = [json.loads(r["stats"]) for r in ds.take_all()]
@@ -358,16 +305,22 @@ def write_all_shards(cfg: CurateConfig, specs: list[dict[str, Any]], work: Path)
 
 
 def finish_source(
-    cfg: CurateConfig, src: SourceConfig, units: list[dict], stats: list[dict], rejects: list[dict], chash: str
+    cfg: CurateConfig,
+    src: SourceConfig,
+    units: list[dict],
+    stats: list[dict],
+    by_reason: dict[str, int],
+    chash: str,
 ) -> dict[str, Any]:
-    """Rejects ledger, stale-file cleanup, accounting check, then manifest.json (written last)."""
+    """Stale-file cleanup, accounting check, then manifest.json (written last). ``units``: the source's unit
+    summaries; ``stats``: its shards' stats; ``by_reason``: its rejects ledger's counts."""
     folder = Path(cfg.out_dir) / src.name
-    by_reason = write_rejects(folder, rejects)
     remove_stale(folder, src.name, len(stats))
     inputs = sum(u["inputs"] for u in units)
     kept = sum(s["samples"] for s in stats)
-    if inputs != kept + len(rejects):
-        raise AccountingError(f"source {src.name}: inputs {inputs} != kept {kept} + rejected {len(rejects)}")
+    rejected = sum(by_reason.values())
+    if inputs != kept + rejected:
+        raise AccountingError(f"source {src.name}: inputs {inputs} != kept {kept} + rejected {rejected}")
     ignored: dict[str, int] = {}
     for u in units:
         for ext, n in u["ignored_members"].items():
@@ -381,8 +334,8 @@ def finish_source(
         "schema_version": SCHEMA_VERSION,
         "inputs": inputs,
         "kept": kept,
-        "rejected": len(rejects),
-        "rejects_by_reason": by_reason,
+        "rejected": rejected,
+        "rejects_by_reason": dict(sorted(by_reason.items())),
         "bytes": sum(s["bytes"] for s in stats),
         "shards": [
             {"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in stats
@@ -406,17 +359,24 @@ def invalidate_manifests(cfg: CurateConfig) -> None:
 def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
     """The whole DAG on the Ray instance this process is connected to. Returns one result per source."""
     chash = content_config_hash(cfg)
+    # tasks run in their node's working directory, not the driver's: hand them no relative path
+    cfg = dataclasses.replace(cfg, out_dir=os.path.abspath(cfg.out_dir))
     invalidate_manifests(cfg)
     work = prepare_work_dir(cfg)
     units = [u for src in cfg.sources for u in list_units(src)]
     summaries = process_all_units(cfg, units, work)
-    kept, rejects = decide(load_small_table(work, units), cfg)
-    stats = write_all_shards(cfg, shard_specs(cfg, kept, chash), work)
+    configure_ray_data(cfg.exec.progress, cfg.exec.shuffle)
+    unit_refs = [(u.source, u.index) for u in units]
+    joins = {s.name: s.dedup for s in cfg.sources}
+    decided = decide_units(unit_refs, joins, str(work), cfg.dedup, cfg.exec.dedup_rows_per_task)
+    plans = plan_sources(unit_refs, [s.name for s in cfg.sources], str(work), cfg.out_dir, cfg.shards)
+    stats = write_all_shards(cfg, shard_specs(cfg, decided, plans, chash), work)
     results = []
     for src in cfg.sources:
         src_units = [s for s in summaries if s["source"] == src.name]
         src_stats = [s for s in stats if s["source"] == src.name]
-        results.append(finish_source(cfg, src, src_units, src_stats, rejects[src.name], chash))
+        by_reason = plans[src.name]["rejects_by_reason"]
+        results.append(finish_source(cfg, src, src_units, src_stats, by_reason, chash))
     if not cfg.exec.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return results

@@ -20,6 +20,7 @@ from data_prep.shards import iter_tar_records
 from pipelines.config import load_config
 from pipelines.curate import CurateConfig, main, run_curation
 from tests.data_prep.curate_fixtures import ray_local  # noqa: F401
+from tests.data_prep.dedup_reference import assert_job_agrees_with_reference
 from tests.robustness.bad_inputs import BadCorpus, build_bad_corpus
 
 pytestmark = pytest.mark.ray
@@ -174,3 +175,5 @@ def test_killed_ray_worker_changes_no_output_byte(run: Run, tmp_path: Path, monk
         ref = {p.relative_to(run.out): p.read_bytes() for p in (run.out / src["name"]).rglob("*") if p.is_file()}
         got = {p.relative_to(out): p.read_bytes() for p in (out / src["name"]).rglob("*") if p.is_file()}
         assert got == ref, src["name"]
+    # and the distributed dedup dropped what the single-pass reference drops (repeated keys in this corpus)
+    assert assert_job_agrees_with_reference(cfg, out) > 0
