@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.mixture import StageConfig, build_stage_plan, load_source
+from data_prep.mixture import MANIFEST_NAME, StageConfig, build_stage_plan, load_source
 from data_prep.precompute import PrecomputeConfig, precompute_config_encoder, run_precompute
 from data_prep.stage_shards import build_manifest, finalize_manifest, write_stage_shards
 from pipelines.config import config_hash, parse_job_args, save_resolved
+from pipelines.lineage import curated_dataset, stage_dataset
 from pipelines.tracking import TrackingConfig, build_tracker
 
 log = logging.getLogger("pipelines.mix")
@@ -154,13 +156,32 @@ def log_stage(tracker, name: str, manifest: dict) -> None:
     tracker.log_dict(manifest, f"manifests/{name}.json")
 
 
+def log_lineage(tracker, cfg: MixConfig, name: str, sources: dict) -> None:
+    """The curated datasets a stage read (inputs) and the stage shards it wrote (output), for MLflow lineage."""
+    used = {src for group in cfg.stages[name].groups.values() for src in group.sources}
+    tracker.log_datasets([curated_dataset(sources[s].directory / MANIFEST_NAME) for s in sorted(used)], "input")
+    tracker.log_datasets([stage_dataset(Path(cfg.out_dir) / cfg.recipe / name / MANIFEST_NAME)], "output")
+
+
+def absolute_paths(cfg: MixConfig) -> MixConfig:
+    """Ray tasks and actors run in their own node's working directory, not the driver's: the paths they are
+    handed must not be relative (URIs stay as they are)."""
+
+    def local(path: str | None) -> str | None:
+        return os.path.abspath(path) if path and "://" not in path else path
+
+    pre = dataclasses.replace(cfg.precompute, encoder_path=local(cfg.precompute.encoder_path))
+    return dataclasses.replace(cfg, curated_dir=local(cfg.curated_dir), out_dir=local(cfg.out_dir), precompute=pre)
+
+
 def run(cfg: MixConfig) -> dict[str, dict]:
     """Write the chosen stages; returns their manifests by stage name."""
     stages = cfg.only or list(cfg.stages)
+    chash = content_hash(cfg)
+    cfg = absolute_paths(cfg)
     out_root = Path(cfg.out_dir) / cfg.recipe
     save_resolved(cfg, out_root)
-    chash = content_hash(cfg)
-    sources = {name: load_source(name, path) for name, path in source_dirs(cfg, stages).items()}
+    sources = {name: load_source(name, path.absolute()) for name, path in source_dirs(cfg, stages).items()}
     manifests: dict[str, dict] = {}
     tracker = build_tracker(
         cfg.tracking, "mix", jsonl_path=out_root / "mix.jsonl", tags={"janus.kind": "mix", "janus.recipe": cfg.recipe}
@@ -187,6 +208,7 @@ def run(cfg: MixConfig) -> dict[str, dict]:
             for name in stages:
                 manifests[name] = build_stage(cfg, name, sources, chash)
                 log_stage(tracker, name, manifests[name])
+                log_lineage(tracker, cfg, name, sources)
         finally:
             if ray_started:
                 import ray
