@@ -34,8 +34,15 @@ def is_secret_name(name: str) -> bool:
     return "token" in words or bool(words and words[-1] == "key")
 
 
+_NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
+"""The shell's working directories: "pwd" reads as a password word, but masking them would cut the working
+directory out of every logged path."""
+
+
 def is_secret_env(name: str) -> bool:
     """An environment variable whose name says secret: TOKEN, SECRET, PASSWORD or KEY anywhere in it."""
+    if name.upper() in _NOT_SECRET_ENV:
+        return False
     words = set(_WORD_RE.split(name.lower()))
     return is_secret_name(name) or bool(words & _SECRET_WORDS)
 

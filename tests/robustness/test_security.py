@@ -127,6 +127,10 @@ def test_env_secrets_and_uri_passwords_are_cut_from_text(monkeypatch) -> None:
     text = redact_text("s3://bucket?sig=tok-0123456789 at https://alice:pw-9f8e@mlflow.example.com:5000/x 1")
     assert text == "s3://bucket?sig=*** at https://***@mlflow.example.com:5000/x 1"
     assert redact_text("https://mlflow.example.com/x") == "https://mlflow.example.com/x"
+    # the shell's working directory is no password ("pwd"): paths under it stay readable
+    monkeypatch.setenv("PWD", "/home/alice/project")
+    monkeypatch.setenv("DB_PWD", "hunter2-db")
+    assert redact_text("/home/alice/project/outputs pw hunter2-db") == "/home/alice/project/outputs pw ***"
 
 
 def test_secrets_never_reach_a_real_mlflow_store_or_jsonl(tmp_path: Path, monkeypatch) -> None:
