@@ -40,6 +40,27 @@ _SIMPLE = {
 _LAYER = {"layer_norm1.": "norm1.", "layer_norm2.": "norm2.", "self_attn.out_proj.": "attn.proj.", "mlp.": "mlp."}
 
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '<|User|>: ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|Assistant|>: ' }}{% endif %}"
+    "{% for part in parts %}"
+    "{% if part['type'] == 'image' %}{{ image_token }}{{ '\n' }}{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\n\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|Assistant|>:' }}{% endif %}"
+)
+"""The training prompt format (model.prompts, JANUS_SPEC "deepseek") as a chat template, so the stock
+``JanusProcessor.apply_chat_template`` builds exactly the prompts the model was trained on: BOS, a system turn
+and ``\n\n``, ``<|User|>: `` with each image as ``<image_placeholder>`` and a newline (the processor
+expands it to ``<begin_of_image>`` + the image tokens + ``<end_of_image>``), ``\n\n``, then
+``<|Assistant|>:``; a given answer follows after a space and ends with EOS."""
+
+
 def export_janus_pro(model, tokenizer, out_dir: str | Path) -> Path:
     """Save a Janus-Pro model in transformers' format with what its ``generate`` needs."""
     out = Path(out_dir)
@@ -55,9 +76,13 @@ def export_janus_pro(model, tokenizer, out_dir: str | Path) -> Path:
     model.save_pretrained(out)
     size = model.config.vision_config.image_size
     processor = JanusProcessor(
-        image_processor=JanusImageProcessorPil(size={"height": size, "width": size}),
+        # SigLIP's normalisation as in training (model.collate): mean = std = 0.5, padded with grey 127
+        image_processor=JanusImageProcessorPil(
+            size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ),
         tokenizer=tokenizer,
         num_image_tokens=model.config.vision_config.num_image_tokens,
+        chat_template=CHAT_TEMPLATE.replace("image_token", repr(tokenizer.image_token)),
     )
     processor.save_pretrained(out)  # also writes the tokenizer
     return out

@@ -25,9 +25,10 @@ import torch
 
 from data_prep.toy_render import COLORS, SHAPES
 from model.flavors import FAMILIES
+from model.inference import LoadedModel, answer, generate_images, image_grid, load_for_inference
 from pipelines.config import parse_job_args, save_resolved, to_flat_dict
-from pipelines.generate import LoadedModel, answer, generate_images, image_grid, load_for_inference
 from pipelines.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
+from pipelines.lineage import find_stage_model
 from pipelines.tracking import TrackingConfig, build_tracker
 
 
@@ -196,6 +197,13 @@ def _metrics(results: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def _logged_model(cfg: EvalConfig) -> str | None:
+    """The MLflow logged model of the evaluated stage (its ``final/`` or ``export/`` folder's stage)."""
+    if cfg.tracking.backend != "mlflow":
+        return None
+    return find_stage_model(cfg.tracking, Path(cfg.checkpoint).resolve().parent)
+
+
 def run_evaluate(cfg: EvalConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)
@@ -222,6 +230,10 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     with build_tracker(cfg.tracking, "evaluate", jsonl_path=out / "metrics.jsonl") as tracker:
         tracker.log_params(to_flat_dict(cfg))
         tracker.log_metrics(_metrics(results))
+        model_id = _logged_model(cfg)
+        if model_id:  # the stage's logged model carries its evaluation too
+            tracker.log_model_metrics(model_id, _metrics(results))
+            report["model_id"] = model_id
         for name in ("eval.json", "config.resolved.yaml", "digits_grid.png", "shapes_grid.png"):
             if (out / name).is_file():
                 tracker.log_artifact(out / name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 from transformers import JanusForConditionalGeneration, JanusProcessor
 
@@ -198,3 +200,38 @@ def test_janusflow_euler_cfg_sampler_matches_direct_computation(tokenizer, speci
                 vu = _direct_velocity(model, tokenizer, special, prompt, zr, step / steps, dropped=True)
                 z[row : row + 1] = zr + (w * vc - (w - 1) * vu) / steps
     torch.testing.assert_close(z_final, z, rtol=1e-4, atol=1e-4)
+
+
+def test_janus_pro_export_answers_through_the_stock_chat_template(tmp_path, tokenizer, special):
+    """The stock understanding path: JanusProcessor.apply_chat_template builds our training prompt exactly,
+    and generate answers as our sampler does."""
+    from PIL import Image
+
+    model, _ = _train_a_few_steps("janus_pro")
+    export_janus_pro(model, tokenizer, tmp_path)
+    processor = JanusProcessor.from_pretrained(tmp_path)
+    stock = JanusForConditionalGeneration.from_pretrained(tmp_path).eval()
+    question = "What digit is this?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = Image.open(io.BytesIO(png(3))).convert("RGB")
+    inputs = processor(text=prompt, images=[image], return_tensors="pt")
+    expected = understanding_prompt(tokenizer, special, question, 64, True).input_ids
+    assert inputs["input_ids"][0].tolist() == expected
+    torch.testing.assert_close(inputs["pixel_values"][0], preprocess_understanding(png(3), 64), atol=1e-2, rtol=0)
+    with torch.no_grad():
+        out = stock.generate(**inputs, max_new_tokens=6, do_sample=False)
+    theirs = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    ours = answer_questions(
+        model, tokenizer, special, [(png(3), question)], image_size=64, num_image_tokens=64, max_new_tokens=6
+    )
+    assert theirs == ours[0]
+    # a system turn and a finished exchange render as training samples do
+    chat = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    rendered = processor.apply_chat_template(chat)
+    expected = "You are helpful.\n\n<|User|>: hi\n\n<|Assistant|>: hello"
+    assert rendered == f"{tokenizer.bos_token}{expected}{tokenizer.eos_token}"

@@ -10,10 +10,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from model.export import export_janus_pro, export_janusflow
+from model.inference import load_for_inference
 from model.janusflow_task import load_vae
 from model.tokenizer import build_debug_tokenizer
 from pipelines.fit_tokenizers import FitOptions, FitTokenizersConfig, run_fit_tokenizers
-from pipelines.generate import load_for_inference
 from pipelines.generate import main as generate_main
 from pipelines.tracking import TrackingConfig
 from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
@@ -118,7 +118,7 @@ def test_generate_needs_a_prompt_or_question(tmp_path: Path) -> None:
 
 def test_cfg_weight_reaches_the_sampler(tmp_path: Path) -> None:
     """None samples with the paper weight (JanusFlow 2): the same pixels as asking for 2; 1 and 5 differ."""
-    from pipelines.generate import generate_images
+    from model.inference import generate_images
 
     lm = load_for_inference(make_checkpoint(tmp_path / "ckpt", "janusflow"))
     weights = (None, 2.0, 1.0, 5.0)
@@ -132,7 +132,7 @@ def test_cfg_weight_reaches_the_sampler(tmp_path: Path) -> None:
 
 
 def test_temperature_is_janus_pro_only(tmp_path: Path) -> None:
-    from pipelines.generate import generate_images
+    from model.inference import generate_images
 
     jp = load_for_inference(make_checkpoint(tmp_path / "jp", "janus_pro"))
     hot, cold = (generate_images(jp, ["a red circle"], seed=3, temperature=t)[0].tobytes() for t in (1.0, 0.3))

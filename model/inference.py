@@ -1,0 +1,209 @@
+"""Inference from trained weights: load a stage's final/ folder or an export, sample images, answer questions.
+
+``load_for_inference(DIR)`` takes a training stage's ``final/`` folder (``model.safetensors`` +
+``stage_done.json``) or an export (Janus-Pro: transformers directory; JanusFlow: our reference-layout
+export). JanusFlow decodes through a VAE that is not part of its weights: ``vae_path`` (a fitted or pretrained
+diffusers directory), else ``DIR/vae`` or ``DIR/../../vae`` when present, else the flavor's random VAE (with a
+warning). Used by the generate and evaluate jobs and by the MLflow model (model.mlflow_model).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from model.build import build_model
+from model.flavors import FlavorConfig, get_flavor
+from model.tokenizer import SpecialIds, load_tokenizer, special_ids
+
+DONE_FILE = "stage_done.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for sampling, with what the samplers need beside it."""
+
+    model: nn.Module
+    family: str
+    flavor: FlavorConfig
+    tokenizer: object
+    special: SpecialIds
+    vae: nn.Module | None = None
+
+
+def _find_vae(checkpoint: Path, vae_path: str | None) -> str | None:
+    if vae_path:
+        return vae_path
+    for cand in (checkpoint / "vae", checkpoint.parent.parent / "vae"):
+        if (cand / "config.json").is_file():
+            return str(cand)
+    return None
+
+
+def _load_weights(checkpoint: Path) -> tuple[nn.Module, FlavorConfig, str, str | None]:
+    """-> model, flavor, family, tokenizer path (None = the flavor's debug tokenizer)."""
+    done = checkpoint / DONE_FILE
+    if done.is_file():  # a training stage's final weights: the model's own state_dict keys
+        from safetensors.torch import load_file
+
+        info = json.loads(done.read_text())
+        flavor = get_flavor(info["flavor"])
+        family = flavor.family(info["family"])
+        model = build_model(flavor, family)
+        model.load_state_dict(load_file(str(checkpoint / WEIGHTS_FILE)), strict=True)
+        return model, flavor, family, None
+    from model.export import FLAVOR_FILE, flavor_from_dict
+
+    tok_path = str(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
+    if (checkpoint / FLAVOR_FILE).is_file():
+        flavor = flavor_from_dict(json.loads((checkpoint / FLAVOR_FILE).read_text()))
+        return build_model(flavor, "janusflow", path=checkpoint), flavor, "janusflow", tok_path
+    if (checkpoint / "config.json").is_file():
+        model = build_model(get_flavor("janus_pro_1b"), "janus_pro", path=checkpoint)
+        return model, _janus_pro_flavor(model), "janus_pro", tok_path
+    raise FileNotFoundError(f"{checkpoint}: neither {DONE_FILE} (a stage's final/) nor an export")
+
+
+def _janus_pro_flavor(model: nn.Module) -> FlavorConfig:
+    """The sizes the samplers need, read off a loaded Janus-Pro export (flavor debug when it matches)."""
+    debug = get_flavor("debug")
+    vision = model.config.vision_config
+    if vision.image_size == debug.vision.image_size and model.config.text_config.vocab_size == debug.llm.vocab_size:
+        return debug
+    return get_flavor("janus_pro_1b")
+
+
+def load_for_inference(checkpoint: str | Path, vae_path: str | None = None) -> LoadedModel:
+    """Model (eval mode), tokenizer and, for JanusFlow, the VAE that decodes its latents."""
+    checkpoint = Path(checkpoint)
+    model, flavor, family, tok_path = _load_weights(checkpoint)
+    tokenizer = load_tokenizer(flavor, tok_path)
+    vae = None
+    if family == "janusflow":
+        from model.janusflow_task import build_vae, load_vae
+
+        found = _find_vae(checkpoint, vae_path)
+        if found is None:
+            print(f"warning: {checkpoint}: no VAE given or found; decoding with a random VAE", file=sys.stderr)
+        vae = load_vae(found) if found else build_vae(flavor)
+    return LoadedModel(model.eval(), family, flavor, tokenizer, special_ids(tokenizer), vae)
+
+
+def generate_images(
+    lm: LoadedModel,
+    prompts: list[str],
+    seed: int = 0,
+    batch_size: int = 8,
+    cfg_weight: float | None = None,
+    temperature: float = 1.0,
+) -> list[Image.Image]:
+    """Sample one image per prompt, batched; seeded. ``cfg_weight`` None = the family's paper weight
+    (Janus-Pro 5, JanusFlow 2); ``temperature`` scales Janus-Pro's image-token sampling (the paper's is 1;
+    JanusFlow's ODE sampler has none: any other value is an error)."""
+    from model.sampling import generate_images_janus_pro, generate_images_janusflow
+
+    if cfg_weight is not None and cfg_weight < 1.0:
+        raise ValueError(f"cfg_weight must be >= 1 (1 = no guidance), got {cfg_weight}")
+    if temperature <= 0 or (lm.family == "janusflow" and temperature != 1.0):
+        raise ValueError(f"temperature {temperature}: must be > 0, and 1 for JanusFlow (its sampler has none)")
+    guidance = {} if cfg_weight is None else {"cfg_weight": float(cfg_weight)}
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Image.Image] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        if lm.family == "janus_pro":
+            _, pix = generate_images_janus_pro(
+                lm.model, lm.tokenizer, lm.special, chunk, generator=gen, temperature=temperature, **guidance
+            )
+        else:
+            _, pix = generate_images_janusflow(
+                lm.model, lm.vae, lm.tokenizer, lm.special, chunk, generator=gen, **guidance
+            )
+        out += [to_pil(p) for p in pix]
+    return out
+
+
+def answer(lm: LoadedModel, questions: list[tuple[bytes | None, str]], max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers to (image bytes, question) pairs."""
+    from model.sampling import answer_questions
+
+    return answer_questions(
+        lm.model,
+        lm.tokenizer,
+        lm.special,
+        questions,
+        image_size=lm.flavor.vision.image_size,
+        num_image_tokens=lm.flavor.num_image_tokens(lm.family),
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> PIL RGB."""
+    arr = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def image_grid(images: Sequence[Image.Image], cols: int, pad: int = 2) -> Image.Image:
+    """Images (same size) in rows of ``cols`` on a grey background."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (128, 128, 128))
+    for i, img in enumerate(images):
+        grid.paste(img, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
+    return grid
+
+
+def save_mlflow_model(weights: str | Path, out_dir: str | Path, vae: str | Path | None = None) -> Path:
+    """An MLflow pyfunc model directory around ``weights`` (a stage's export or final/ folder; for JanusFlow
+    also its ``vae``), loadable with ``mlflow.pyfunc.load_model`` (model.pyfunc_model: from code, with this
+    package's model/ and data_prep/ copied in, so no pickle and no install of this repository is needed)."""
+    import importlib.metadata as md
+
+    import mlflow.pyfunc
+
+    root = Path(__file__).resolve().parents[1]
+    artifacts = {"weights": str(weights)}
+    if vae is not None:
+        artifacts["vae"] = str(vae)
+    pins = [f"{p}=={md.version(p)}" for p in ("torch", "transformers", "diffusers", "safetensors", "pillow")]
+    mlflow.pyfunc.save_model(
+        str(out_dir),
+        python_model=str(root / "model" / "pyfunc_model.py"),
+        signature=_pyfunc_signature(),
+        artifacts=artifacts,
+        code_paths=[str(root / "model"), str(root / "data_prep")],
+        pip_requirements=[*pins, f"mlflow=={md.version('mlflow')}", "pandas", "numpy"],
+    )
+    return Path(out_dir)
+
+
+def _pyfunc_signature():
+    """Rows of prompt / question (+ image, base64 PNG) in; image (base64 PNG) / answer out; sampling params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    def columns(*names: str) -> Schema:
+        return Schema([ColSpec("string", n, required=False) for n in names])
+
+    params = ParamSchema(
+        [
+            ParamSpec("seed", "long", 0),
+            ParamSpec("cfg_weight", "double", 0.0),  # 0: the family's paper weight
+            ParamSpec("temperature", "double", 1.0),
+            ParamSpec("max_new_tokens", "long", 32),
+        ]
+    )
+    return ModelSignature(
+        inputs=columns("prompt", "question", "image"), outputs=columns("image", "answer"), params=params
+    )
