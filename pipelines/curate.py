@@ -51,6 +51,7 @@ from data_prep.scorers import ScorerConfig, build_scorers
 from data_prep.sources import SourceConfig, Unit, list_units
 from data_prep.writer import ShardConfig, atomic_write_json, remove_stale, write_shard
 from pipelines.config import parse_job_args, save_resolved, to_flat_dict
+from pipelines.lineage import curated_dataset, source_dataset
 from pipelines.tracking import TrackingConfig, build_tracker
 
 WORK_DIR = "_work"
@@ -376,17 +377,31 @@ def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
         src_units = [s for s in summaries if s["source"] == src.name]
         src_stats = [s for s in stats if s["source"] == src.name]
         by_reason = plans[src.name]["rejects_by_reason"]
-        results.append(finish_source(cfg, src, src_units, src_stats, by_reason, chash))
+        result = finish_source(cfg, src, src_units, src_stats, by_reason, chash)
+        result["input_files"] = input_files([u for u in units if u.source == src.name])
+        results.append(result)
     if not cfg.exec.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return results
 
 
+def input_files(units: list[Unit]) -> list[tuple[str, int]]:
+    """The files a source's units read, with their sizes (0 where not local): what its dataset digest covers."""
+    files = sorted({u.path for u in units})
+    return [(f, os.path.getsize(f) if "://" not in f and os.path.isfile(f) else 0) for f in files]
+
+
 def log_run(cfg: CurateConfig, results: list[dict[str, Any]], wall_s: float, resolved: Path | None = None) -> None:
-    """MLflow run "curate": parameters, counts per reason, throughput, grids, manifests, rejects summary."""
+    """MLflow run "curate": parameters, counts per reason, throughput, grids, manifests, rejects summary, and
+    the lineage: each source read, each curated source written."""
     tracker = build_tracker(cfg.tracking, "curate", jsonl_path=Path(cfg.out_dir) / LOG_DIR / "curate.jsonl")
     with tracker:
         tracker.log_params(to_flat_dict(cfg))
+        specs = {src.name: dataclasses.asdict(src) for src in cfg.sources}
+        files = {r["source"]: r.get("input_files", []) for r in results}
+        tracker.log_datasets([source_dataset(n, specs[n], files.get(n, [])) for n in specs], "source")
+        manifests = [Path(cfg.out_dir) / r["source"] / "manifest.json" for r in results]
+        tracker.log_datasets([curated_dataset(m) for m in manifests], "output")
         if resolved is not None:
             tracker.log_artifact(resolved)
         tracker.log_metrics(source_metrics(results, wall_s))

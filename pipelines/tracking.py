@@ -16,14 +16,15 @@ secret environment values and URI passwords never reach MLflow or the JSONL logs
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ class TrackingConfig:
     """MLflow experiment that holds the runs."""
     parent_run_id: str | None = None
     """Nest this job's run under this run; default $JANUS_PARENT_RUN_ID."""
+    system_metrics_interval_s: float = 10.0
+    """Training stages: sample CPU, memory, disk, network and (NVML) GPU use every N seconds on each node into
+    the stage's run as ``system/node<i>/...``; 0 = off."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -57,10 +61,55 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+DATASET_CONTEXTS = ("source", "input", "output", "training", "evaluation")
+"""How a run relates to a dataset it logs: read from outside the pipeline (source), read (input), written
+(output), trained on (training), evaluated on (evaluation). A dataset's name and digest are the same
+wherever it appears, so lineage is a search for the run that logged that digest as its output."""
+CONTEXT_TAG = "mlflow.data.context"
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset as MLflow records it: what it is (name), which version (digest of its manifest), where."""
+
+    name: str
+    """e.g. ``curated/digits``, ``stages/toy_janus_pro/stage3``, ``source/digits``."""
+    digest: str
+    """Content digest (the first 32 hex digits of its manifest's SHA-256)."""
+    source: str
+    """Where it lives (a file URI or any URI)."""
+    profile: Mapping[str, Any] = field(default_factory=dict)
+    """Counts and ratios shown with it."""
+    schema: Mapping[str, Any] = field(default_factory=dict)
+    """Its record format."""
+
+    @classmethod
+    def of_manifest(cls, name: str, manifest: str | Path, profile: Mapping[str, Any] | None = None) -> DatasetRef:
+        """The dataset a manifest file describes; its digest is the manifest's bytes."""
+        path = Path(manifest)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+        return cls(name, digest, path.parent.resolve().as_uri(), dict(profile or {}), _SCHEMA)
+
+
+_SCHEMA = {"format": "webdataset", "members": "data_prep.schema (jpg|png|webp, txt, json, vq.npy, latent.npy)"}
+
+
 class Tracker:
     """No-op base; subclasses record. ``log_*`` never raise for a closed tracker."""
 
     run_id: str | None = None
+
+    def log_datasets(self, datasets: Sequence[DatasetRef], context: str) -> None:
+        """Record datasets this run relates to (``context`` in DATASET_CONTEXTS)."""
+
+    def log_model(
+        self, model_dir: str | Path, name: str, *, tags: Mapping[str, str] | None = None, step: int = 0
+    ) -> str | None:
+        """Record an MLflow-format model directory as a logged model of this run; returns its id."""
+        return None
+
+    def log_model_metrics(self, model_id: str, metrics: Mapping[str, float]) -> None:
+        """Record metrics of a logged model (e.g. its evaluation), in this run."""
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 
@@ -120,9 +169,19 @@ class JsonlTracker(Tracker):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._write("artifact", {"path": str(path), "artifact_path": artifact_path})
 
+    def log_datasets(self, datasets: Sequence[DatasetRef], context: str) -> None:
+        _check_context(context)
+        for d in datasets:
+            self._write("dataset", {"context": context, "name": d.name, "digest": d.digest, "source": d.source})
+
     def close(self, status: str = "FINISHED") -> None:
         self._write("close", {"status": status})
         self._fh.close()
+
+
+def _check_context(context: str) -> None:
+    if context not in DATASET_CONTEXTS:
+        raise ValueError(f"dataset context {context!r} is not one of {DATASET_CONTEXTS}")
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -216,6 +275,58 @@ class MlflowTracker(Tracker):
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, redact_text(str(v)))
 
+    def log_datasets(self, datasets: Sequence[DatasetRef], context: str) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        _check_context(context)
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=d.name,
+                    digest=d.digest,
+                    source_type="local" if d.source.startswith("file:") else "external",
+                    source=json.dumps({"uri": d.source}),
+                    schema=json.dumps(redact(dict(d.schema)), sort_keys=True),
+                    profile=json.dumps(redact(dict(d.profile)), sort_keys=True, default=str),
+                ),
+                [InputTag(CONTEXT_TAG, context)],
+            )
+            for d in datasets
+        ]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model(
+        self, model_dir: str | Path, name: str, *, tags: Mapping[str, str] | None = None, step: int = 0
+    ) -> str | None:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        clean = {k: redact_text(str(v)) for k, v in (tags or {}).items()}
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id, tags=clean, model_type="janus"
+        )
+        try:
+            self.client.log_model_artifacts(model.model_id, str(model_dir))
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
+        return model.model_id
+
+    def log_model_metrics(self, model_id: str, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import LoggedModelInput, Metric
+
+        ts = int(time.time() * 1000)
+        items = [
+            Metric(_METRIC_NAME_RE.sub("_", k), float(v), ts, 0, model_id=model_id)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
+        self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
     def close(self, status: str = "FINISHED") -> None:
         if not self._closed:
             self._closed = True
@@ -245,6 +356,20 @@ class MultiTracker(Tracker):
         for t in self.trackers:
             t.set_tags(tags)
 
+    def log_datasets(self, datasets: Sequence[DatasetRef], context: str) -> None:
+        for t in self.trackers:
+            t.log_datasets(datasets, context)
+
+    def log_model(
+        self, model_dir: str | Path, name: str, *, tags: Mapping[str, str] | None = None, step: int = 0
+    ) -> str | None:
+        ids = [t.log_model(model_dir, name, tags=tags, step=step) for t in self.trackers]
+        return next((i for i in ids if i), None)
+
+    def log_model_metrics(self, model_id: str, metrics: Mapping[str, float]) -> None:
+        for t in self.trackers:
+            t.log_model_metrics(model_id, metrics)
+
     def close(self, status: str = "FINISHED") -> None:
         for t in self.trackers:
             t.close(status)
@@ -269,6 +394,28 @@ def build_tracker(
     if not trackers:
         return NoopTracker()
     return trackers[0] if len(trackers) == 1 else MultiTracker(*trackers)
+
+
+@contextlib.contextmanager
+def system_metrics(cfg: TrackingConfig, run_id: str | None, node_id: str) -> Iterator[None]:
+    """MLflow's system metrics of this machine into ``run_id`` while the block runs (one per node)."""
+    if cfg.backend != "mlflow" or not run_id or cfg.system_metrics_interval_s <= 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=cfg.system_metrics_interval_s,
+        resume_logging=True,  # a restarted stage continues its steps
+        node_id=node_id,
+        tracking_uri=resolve_uri(cfg),
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 @contextlib.contextmanager

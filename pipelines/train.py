@@ -9,6 +9,7 @@ stage N's final weights with its own freeze schedule and a fresh optimizer.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.config import parse_job_args, save_resolved, to_dict
-from pipelines.tracking import pipeline_run, resolve_uri
+from pipelines.lineage import REGISTERED_TAG, find_stage_model, register_model, stage_dataset
+from pipelines.progress import StageProgress, stage_summary
+from pipelines.tracking import PARENT_ENV, pipeline_run, resolve_uri
 from pipelines.train_config import STAGE_NAMES, TrainConfig
 from pipelines.train_loop import DONE_FILE, train_loop_per_worker
 
@@ -208,6 +211,7 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
     check_cpu_budget(cfg)
     n = count_samples(tars)
     workers = cfg.scaling.num_workers
+    manifest = tars[0].parent / "manifest.json"
     loop = {
         "cfg": to_dict(cfg),
         "stage": stage,
@@ -215,6 +219,7 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
         "samples_per_rank": n // workers,
         "stage_dir": str(stage_dir(cfg, stage)),
         "driver_pgid": os.getpgrp(),
+        "dataset": dataclasses.asdict(stage_dataset(manifest)) if manifest.is_file() else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -235,9 +240,13 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     print(f"train: stage {stage}: {n} samples in {len(tars)} shards, {workers} workers, from {init or 'scratch'}")
-    trainer.fit()
+    log = stage_dir(cfg, stage) / "logs" / "rank0.jsonl"
+    since = log.stat().st_size if log.is_file() else 0
+    with StageProgress(log, stage, cfg.stage[stage].steps):
+        trainer.fit()
     if not (final / DONE_FILE).is_file():
         raise RuntimeError(f"stage {stage} ended without writing its final weights to {final}")
+    print(stage_summary(log, stage, since))
     return final
 
 
@@ -267,10 +276,32 @@ def _absolute_model_paths(cfg: TrainConfig) -> None:
             setattr(cfg.model, name, str(Path(value).resolve()))
 
 
+def register_final_model(cfg: TrainConfig, run_ids: list[str]) -> str | None:
+    """Register the run's last stage's logged model as a new version of ``registry.name`` (once: a rerun that
+    skipped the finished stage finds its version) and tag the runs ``run_ids`` with it; returns its URI."""
+    if not cfg.registry.name or cfg.tracking.backend != "mlflow" or not cfg.export:
+        return None
+    stage = cfg.stages[-1]
+    model_id = find_stage_model(cfg.tracking, stage_dir(cfg, stage))
+    if model_id is None:
+        raise RuntimeError(f"registry: stage {stage} of {cfg.name!r} logged no model to register")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_uri(cfg.tracking))
+    tags = client.get_logged_model(model_id).tags
+    keep = ("janus.recipe", "janus.stage", "janus.family", "janus.flavor", "janus.inputs_sha256", "janus.data_digest")
+    uri = register_model(cfg.tracking, cfg.registry.name, model_id, {k: tags[k] for k in keep if k in tags})
+    for run_id in run_ids:
+        client.set_tag(run_id, f"{REGISTERED_TAG}.{cfg.registry.name}", uri)
+    print(f"train: registered stage {stage}'s model as {uri}")
+    return uri
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Path]:
     cfg.tracking.uri = _absolute_sqlite(resolve_uri(cfg.tracking))
     _absolute_model_paths(cfg)
     out = {}
+    outer = cfg.tracking.parent_run_id or os.environ.get(PARENT_ENV)
     started = _ensure_ray()
     try:
         with pipeline_run(cfg.tracking, f"train-{cfg.name}", run_key=f"train/{cfg.name}") as parent:
@@ -280,6 +311,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Path]:
                 start = time.perf_counter()
                 out[stage] = run_stage(cfg, stage)
                 parent.log_metrics({f"time_s/stage_{stage}": time.perf_counter() - start})
+            register_final_model(cfg, [r for r in (parent.run_id, outer) if r])
     finally:
         if started:
             import ray

@@ -118,6 +118,13 @@ class FaultConfig:
 
 
 @dataclass(kw_only=True)
+class RegistryConfig:
+    name: str | None = None
+    """MLflow Model Registry name: the run's last stage registers its logged model as a new version, tagged
+    with the recipe and the data it was trained on; None = do not register."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     name: str = "debug"
     """Run name: stage runs are {name}-stage_{S}; the same name resumes."""
@@ -144,12 +151,15 @@ class TrainConfig:
     """Where and how often to save."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    """Where the final model is registered."""
     log_every: int = 1
     """Log metrics every N steps."""
     sample_every: int = 0
     """Generate preview images and answers every N steps (0 = only at the end of a stage)."""
     export: bool = True
-    """Export the stage's final model (Janus-Pro: HF format; JanusFlow: reference layout) to MLflow."""
+    """Export the stage's final model (Janus-Pro: HF format; JanusFlow: reference layout) and log it to MLflow as
+    a logged model (an MLflow pyfunc around the export)."""
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     """Fixed prompts and questions of the preview images and answers."""
     ema_decay: float = 0.99

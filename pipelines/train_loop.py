@@ -40,6 +40,7 @@ from pipelines.checkpoint import (
     save_checkpoint,
 )
 from pipelines.config import config_from_dict
+from pipelines.lineage import STAGE_DIR_TAG
 from pipelines.parallelize import compute_dtype, init_process_group
 from pipelines.stage_outputs import (
     export_stage_model,
@@ -47,7 +48,7 @@ from pipelines.stage_outputs import (
     run_previews,
     unsharded_model,
 )
-from pipelines.tracking import Tracker, build_tracker
+from pipelines.tracking import DatasetRef, Tracker, build_tracker, system_metrics
 from pipelines.train_config import StageConfig, TrainConfig, stage_index
 from pipelines.train_step import TrainStep, build_optimizer, parallelize_task
 
@@ -202,6 +203,8 @@ class StageRunner:
         self.out_dir = Path(stage_dir)
         self.ema = build_ema(self.model, cfg.ema_decay) if self.family == "janusflow" and cfg.ema_decay else None
         self.peak = peak_flops(device, cfg.mfu_peak_tflops)
+        self.dataset: DatasetRef | None = None
+        """The stage shards, as MLflow records the dataset (set by the Ray entry point)."""
         stage_number = stage_index(stage)
         self.train_step = TrainStep(
             self.task,
@@ -262,7 +265,29 @@ class StageRunner:
         if final and self.cfg.export:
             ema_full = {**weights, **ema} if ema else None
             export = export_stage_model(model, self.family, tokenizer, self.out_dir / "export", ema_full)
-            tracker.log_artifact(export, "model")
+            self.log_model(tracker, export)
+
+    def log_model(self, tracker: Tracker, export: Path) -> str | None:
+        """The export as an MLflow logged model of the stage's run (a pyfunc that samples and answers)."""
+        import shutil
+
+        from model.inference import save_mlflow_model
+
+        folder = self.out_dir / "mlflow_model"
+        shutil.rmtree(folder, ignore_errors=True)
+        vae = self.cfg.model.vae_path if self.family == "janusflow" else None
+        save_mlflow_model(export, folder, vae)
+        record = self.out_dir / "inputs.json"
+        tags = {
+            STAGE_DIR_TAG: str(self.out_dir.resolve()),
+            "janus.recipe": self.cfg.name,
+            "janus.stage": self.stage,
+            "janus.family": self.family,
+            "janus.flavor": self.flavor.name,
+            "janus.inputs_sha256": json.loads(record.read_text())["sha256"] if record.is_file() else "",
+            "janus.data_digest": self.dataset.digest if self.dataset else "",
+        }
+        return tracker.log_model(folder, f"{self.cfg.name}-stage_{self.stage}", tags=tags, step=self.state.step)
 
     def report(self, metrics: dict[str, float], checkpoint: bool, driver_pgid: int = 0) -> None:
         """``ray.train.report`` from every rank; with a checkpoint, each rank hands over its own files."""
@@ -360,34 +385,50 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     runner = StageRunner(
         cfg, stage, device=ray.train.torch.get_device(), init_weights=loop["init_weights"], stage_dir=loop["stage_dir"]
     )
+    runner.dataset = DatasetRef(**loop["dataset"]) if loop.get("dataset") else None
     resume_from(runner, ray.train.get_checkpoint())
-    scfg = runner.scfg
     shard = ray.train.get_dataset_shard("train")
     batches = iterate_samples(shard, runner.micro, runner.state.samples_seen, int(loop["samples_per_rank"]))
+    context = ray.train.get_context()
     with runner.tracker() as tracker:
-        if runner.state.step == 0:
-            tracker.log_params(
-                {
-                    "stage": stage,
-                    "trainable_params": runner.trainable,
-                    "world_size": runner.world,
-                    "micro_batch": runner.micro,
-                    "accumulation": runner.accum,
-                    **{f"stage.{k}": v for k, v in vars(scfg).items()},
-                }
-            )
-        while runner.state.step < scfg.steps:
-            runner.step(batches)
-            step = runner.state.step
-            last = step == scfg.steps
-            checkpoint = last or step % cfg.checkpoint.every_steps == 0
-            if checkpoint or step % cfg.log_every == 0:  # the only points where the host waits on the device
-                metrics = runner.flush()
-                tracker.log_metrics(metrics, step=step)
-            if checkpoint:
-                runner.report({"step": step, "loss": metrics["loss"]}, True, int(loop.get("driver_pgid", 0)))
-            if cfg.sample_every and step % cfg.sample_every == 0 and not last:
-                runner.publish(tracker, final=False)
-            maybe_inject_fault(cfg, stage, runner.rank, step, runner.out_dir)
-        runner.publish(tracker, final=True)
-        tracker.log_metrics({"stage_done": 1.0}, step=runner.state.step)
+        run_id = [tracker.run_id]
+        if runner.world > 1:
+            dist.broadcast_object_list(run_id, src=0)  # every node's first worker samples its machine into it
+        monitored = run_id[0] if context.get_local_rank() == 0 else None
+        with system_metrics(cfg.tracking, monitored, f"node{context.get_node_rank()}"):
+            run_stage_loop(runner, tracker, cfg, stage, int(loop.get("driver_pgid", 0)), batches)
+
+
+def run_stage_loop(
+    runner: StageRunner, tracker: Tracker, cfg: TrainConfig, stage: str, driver_pgid: int, batches: Iterator
+) -> None:
+    """Train the stage to its end: log, checkpoint, preview, inject drill faults, publish the result."""
+    scfg = runner.scfg
+    if runner.state.step == 0:
+        tracker.log_params(
+            {
+                "stage": stage,
+                "trainable_params": runner.trainable,
+                "world_size": runner.world,
+                "micro_batch": runner.micro,
+                "accumulation": runner.accum,
+                **{f"stage.{k}": v for k, v in vars(scfg).items()},
+            }
+        )
+        if runner.dataset is not None:
+            tracker.log_datasets([runner.dataset], "training")
+    while runner.state.step < scfg.steps:
+        runner.step(batches)
+        step = runner.state.step
+        last = step == scfg.steps
+        checkpoint = last or step % cfg.checkpoint.every_steps == 0
+        if checkpoint or step % cfg.log_every == 0:  # the only points where the host waits on the device
+            metrics = runner.flush()
+            tracker.log_metrics(metrics, step=step)
+        if checkpoint:
+            runner.report({"step": step, "loss": metrics["loss"]}, True, driver_pgid)
+        if cfg.sample_every and step % cfg.sample_every == 0 and not last:
+            runner.publish(tracker, final=False)
+        maybe_inject_fault(cfg, stage, runner.rank, step, runner.out_dir)
+    runner.publish(tracker, final=True)
+    tracker.log_metrics({"stage_done": 1.0}, step=runner.state.step)

@@ -27,7 +27,8 @@ SMALL_WORLD = [
 ]
 SHORT_TRAINING = [
     *(f"mix_overrides=[{','.join(f'stages.stage{i}.steps=2' for i in (1, 2, 3))}]",),
-    f"train_overrides=[{','.join(f'stage.{s}.steps=2' for s in ('I', 'II', 'III'))},checkpoint.every_steps=1]",
+    f"train_overrides=[{','.join(f'stage.{s}.steps=2' for s in ('I', 'II', 'III'))},checkpoint.every_steps=1,"
+    "tracking.system_metrics_interval_s=0.5]",
     "fit_overrides=[vq.steps=2,vae.steps=2,max_images_per_source=16]",
     "eval_overrides=[num_samples=3,digits_per_class=1,shapes_per_prompt=1]",
 ]
@@ -89,3 +90,42 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     digits_accuracy = by_name["demo"].data.metrics["janus_pro/generation/digits/accuracy"]
     assert digits_accuracy == results["generation/digits"]["accuracy"]
     assert "summary.txt" in {a.path for a in client.list_artifacts(parent)}
+    # The driver showed training as it went (a line per logged step) and a table at the end of each stage.
+    assert "stage II  step 2/2  loss" in done.stdout and "stage III: steps 1..2" in done.stdout
+    _check_lineage_and_registry(client, by_name, out)
+
+
+def _check_lineage_and_registry(client: MlflowClient, by_name: dict, out: Path) -> None:
+    """From the demo's registered model back to the raw toy-world sources, through MLflow's API alone."""
+    exp = client.get_experiment_by_name("janus-pipeline").experiment_id
+    uri = by_name["demo"].data.tags["janus.registered_model.janus-toy-janus_pro"]
+    name, version = uri.removeprefix("models:/").split("/")
+    registered = client.get_model_version(name, version)
+    model = client.get_logged_model(registered.source.removeprefix("models:/"))
+    assert registered.tags["janus.stage"] == "III" and registered.tags["janus.data_digest"]
+    assert model.source_run_id == by_name["stage_III"].info.run_id
+    assert any(m.key.startswith("janus_pro/") or m.key.startswith("understanding/") for m in model.metrics)
+
+    def datasets(run_id: str, context: str) -> list:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        return [d.dataset for d in inputs if {t.key: t.value for t in d.tags}["mlflow.data.context"] == context]
+
+    def writer(dataset) -> str:
+        runs = client.search_runs([exp], f"dataset.digest = '{dataset.digest}'")
+        (run,) = [r for r in runs if dataset.digest in {d.digest for d in datasets(r.info.run_id, "output")}]
+        return run.info.run_id
+
+    (trained_on,) = datasets(model.source_run_id, "training")
+    assert (
+        trained_on.name == "stages/toy_janus_pro/stage3" and trained_on.digest == registered.tags["janus.data_digest"]
+    )
+    mix_run = writer(trained_on)
+    assert mix_run == by_name["mix"].info.run_id
+    curated = datasets(mix_run, "input")
+    assert {d.name for d in curated} >= {"curated/digits_qa", "curated/shapes"}
+    curate_runs = {writer(d) for d in curated}
+    assert curate_runs == {by_name["curate"].info.run_id}
+    sources = {d.name for d in datasets(curate_runs.pop(), "source")}
+    assert {f"source/{d.name.removeprefix('curated/')}" for d in curated} <= sources
+    system = by_name["stage_III"].data.metrics
+    assert any(k.startswith("system/node0/") for k in system)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import socket
@@ -21,6 +23,7 @@ from pipelines.tracking import (
     build_tracker,
     pipeline_run,
     resolve_uri,
+    system_metrics,
 )
 
 
@@ -67,6 +70,86 @@ def _check(uri: str, parent_id: str) -> None:
     assert arts == {"reports/summary.json", "grids/kept.png"}
 
 
+def _manifest(path: Path, **fields: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fields, sort_keys=True))
+    return path
+
+
+def _exercise_lineage(cfg: TrackingConfig, tmp_path: Path) -> str:
+    """curate -> mix -> a training stage that logs a model -> the registry, as the jobs record them."""
+    from model.build import build_model
+    from model.export import export_janus_pro
+    from model.flavors import get_flavor
+    from model.inference import save_mlflow_model
+    from model.tokenizer import build_debug_tokenizer
+    from pipelines.lineage import curated_dataset, register_model, source_dataset, stage_dataset
+
+    curated = _manifest(tmp_path / "curated" / "digits" / "manifest.json", source="digits", inputs=5, kept=4)
+    stage = _manifest(tmp_path / "stages" / "toy" / "stage3" / "manifest.json", recipe="toy", samples=4)
+    with pipeline_run(cfg, "lineage"):
+        with build_tracker(cfg, "curate") as curate:
+            curate.log_datasets(
+                [source_dataset("digits", {"path": str(tmp_path), "kind": "x"}, [("a.png", 3)])], "source"
+            )
+            curate.log_datasets([curated_dataset(curated)], "output")
+        with build_tracker(cfg, "mix") as mix:
+            mix.log_datasets([curated_dataset(curated)], "input")
+            mix.log_datasets([stage_dataset(stage)], "output")
+        with build_tracker(cfg, "stage_III") as train, system_metrics(cfg, train.run_id, "node0"):
+            train.log_datasets([stage_dataset(stage)], "training")
+            export = export_janus_pro(
+                build_model(get_flavor("debug"), "janus_pro"), build_debug_tokenizer(), tmp_path / "export"
+            )
+            model_id = train.log_model(
+                save_mlflow_model(export, tmp_path / "mlmodel"), "toy-stage_III", tags={"janus.stage": "III"}
+            )
+            time.sleep(1.5)  # a few system metric samples
+        with build_tracker(cfg, "evaluate") as evaluate:
+            evaluate.log_model_metrics(model_id, {"generation/digits/accuracy": 0.5})
+    return register_model(cfg, "toy", model_id, {"janus.recipe": "toy"})
+
+
+def _check_lineage(uri: str, registered: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walk from the registered model back to the raw source through MLflow's API alone; load and sample it."""
+    import mlflow
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("janus-pipeline").experiment_id
+    version = client.get_model_version("toy", registered.rsplit("/", 1)[-1])
+    assert version.tags["janus.recipe"] == "toy"
+    model = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
+    assert model.metrics[0].key == "generation/digits/accuracy" and model.metrics[0].value == 0.5
+
+    def datasets(run_id: str, context: str) -> list:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        return [d.dataset for d in inputs if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == context]
+
+    def writer(dataset) -> str:
+        """The run that logged ``dataset`` as its output (the search matches runs that logged the digest at all)."""
+        found = client.search_runs([exp], f"dataset.digest = '{dataset.digest}'")
+        ids = [r.info.run_id for r in found if dataset.digest in {d.digest for d in datasets(r.info.run_id, "output")}]
+        assert len(ids) == 1, dataset.name
+        return ids[0]
+
+    (trained_on,) = datasets(model.source_run_id, "training")
+    assert trained_on.name == "stages/toy/stage3"
+    mix_run = writer(trained_on)
+    (curated,) = datasets(mix_run, "input")
+    (source,) = datasets(writer(curated), "source")
+    assert (curated.name, source.name) == ("curated/digits", "source/digits")
+    system = client.get_run(model.source_run_id).data.metrics
+    assert "system/node0/cpu_utilization_percentage" in system
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: uri)
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model(registered)
+    out = loaded.predict(
+        {"prompt": ["a red square", ""], "question": ["", "What is it?"]}, params={"max_new_tokens": 3}
+    )
+    image = Image.open(io.BytesIO(base64.b64decode(out["image"][0])))
+    assert image.size == (64, 64) and isinstance(out["answer"][1], str) and not isinstance(out["image"][1], str)
+
+
 def test_sqlite_store_parent_children_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
@@ -76,6 +159,15 @@ def test_sqlite_store_parent_children_and_resume(tmp_path: Path, monkeypatch: py
     assert (tmp_path / "store" / "mlartifacts").is_dir(), "artifacts belong beside the sqlite file"
     lines = [json.loads(x) for x in (tmp_path / "curate.jsonl").read_text().splitlines()]
     assert [x["kind"] for x in lines][:3] == ["params", "metrics", "metrics"] and lines[-1]["kind"] == "close"
+
+
+def test_lineage_models_registry_and_system_metrics_in_a_sqlite_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    registered = _exercise_lineage(TrackingConfig(uri=uri, system_metrics_interval_s=0.2), tmp_path)
+    _check_lineage(uri, registered, monkeypatch)
 
 
 def test_uri_resolution_and_other_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,6 +231,8 @@ def test_real_mlflow_server_on_loopback(tmp_path: Path, monkeypatch: pytest.Monk
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         parent = _exercise(TrackingConfig(), tmp_path)
         _check(uri, parent)
+        registered = _exercise_lineage(TrackingConfig(system_metrics_interval_s=0.2), tmp_path)
+        _check_lineage(uri, registered, monkeypatch)
     finally:
         os.killpg(server.pid, 15)  # the process group this test started, nothing else
         server.wait(timeout=30)

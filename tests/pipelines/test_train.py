@@ -57,6 +57,7 @@ def _cfg(tmp: Path, data: Path, *overrides: str) -> TrainConfig:
         "scaling.num_workers=2",
         "scaling.cpus_per_worker=0.5",
         "checkpoint.every_steps=2",
+        "tracking.system_metrics_interval_s=0.5",
         *(f"stage.{s}.{k}" for s in ("I", "II", "III") for k in ("steps=2", "global_batch=12", "lr=0.001")),
     ]
     return load_config(TrainConfig, None, [*base, *overrides])
@@ -87,7 +88,7 @@ def _param_names(family: str) -> set[str]:
 
 @pytest.mark.parametrize("family", ["janus_pro", "janusflow"])
 def test_three_stages_freeze_and_mlflow(family: str, ray_local, stage_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, stage_data, f"model.family={family}", f"name={family}")
+    cfg = _cfg(tmp_path, stage_data, f"model.family={family}", f"name={family}", f"registry.name=toy-{family}")
     finals = run_training(cfg)
     assert set(finals) == {"I", "II", "III"}
     names = _param_names(family)
@@ -115,8 +116,18 @@ def test_three_stages_freeze_and_mlflow(family: str, ray_local, stage_data: Path
         assert child.data.metrics["tflops_per_s_per_device"] > 0
         previews = {Path(a.path).suffix for a in client.list_artifacts(child.info.run_id, "previews")}
         assert previews == {".png", ".json"}
-        exported = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, "model")}
-        assert "model.safetensors" in exported and "config.json" in exported
+        # the export is the run's logged model (an MLflow pyfunc around it); each node sampled its machine
+        (output,) = client.get_run(child.info.run_id).outputs.model_outputs
+        logged = client.get_logged_model(output.model_id)
+        assert logged.source_run_id == child.info.run_id and logged.tags["janus.stage"] == stage
+        files = {Path(a.path).name for a in client.list_logged_model_artifacts(output.model_id)}
+        assert "MLmodel" in files
+        system = {k for k in child.data.metrics if k.startswith("system/node0/")}
+        assert {"system/node0/cpu_utilization_percentage", "system/node0/system_memory_usage_megabytes"} <= system
+    # Stage III's logged model is registered (tagged with its recipe), and the training run links to it.
+    (version,) = client.search_model_versions(f"name = 'toy-{family}'")
+    assert version.source == f"models:/{output.model_id}" and version.tags["janus.recipe"] == family
+    assert parent.data.tags[f"janus.registered_model.toy-{family}"] == f"models:/toy-{family}/1"
     # The exported model of the last stage loads with its family's loader (stock transformers for Janus-Pro).
     export_dir = stage_dir(cfg, "III") / "export"
     if family == "janus_pro":
