@@ -235,3 +235,23 @@ def test_janus_pro_export_answers_through_the_stock_chat_template(tmp_path, toke
     rendered = processor.apply_chat_template(chat)
     expected = "You are helpful.\n\n<|User|>: hi\n\n<|Assistant|>: hello"
     assert rendered == f"{tokenizer.bos_token}{expected}{tokenizer.eos_token}"
+
+
+def test_janusflow_mlflow_model_generates_and_answers(tmp_path, tokenizer):
+    """The MLflow pyfunc around a JanusFlow export and its VAE: an image for a prompt, an answer for a question."""
+    import base64
+
+    import mlflow.pyfunc
+    from PIL import Image
+
+    from model.inference import save_mlflow_model
+
+    flavor = get_flavor("debug")
+    export = export_janusflow(build_model(flavor, "janusflow"), tmp_path / "export", tokenizer)
+    build_vae(flavor).save_pretrained(tmp_path / "vae")
+    loaded = mlflow.pyfunc.load_model(str(save_mlflow_model(export, tmp_path / "mlmodel", tmp_path / "vae")))
+    picture = base64.b64encode(png(2)).decode()
+    rows = [{"prompt": "a handwritten digit 3"}, {"question": "What is it?", "image": picture}]
+    out = loaded.predict(rows, params={"max_new_tokens": 3, "cfg_weight": 3.0})
+    image = Image.open(io.BytesIO(base64.b64decode(out["image"][0])))
+    assert image.size == (64, 64) and isinstance(out["answer"][1], str) and not isinstance(out["answer"][0], str)
