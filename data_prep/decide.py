@@ -121,22 +121,42 @@ def _cut_points(sizes: np.ndarray, cfg: ShardConfig) -> list[int]:
         start = end
 
 
-def plan_cuts(work: str, source: str, units: Sequence[int], cfg: ShardConfig) -> dict[str, Any]:
+def plan_path(work: str, source: str) -> Path:
+    return Path(work) / DECIDED_DIR / source / "shards.parquet"
+
+
+def plan_cuts(work: str, source: str, units: Sequence[int], cfg: ShardConfig) -> tuple[list[int], list[tuple]]:
     """writer.plan_shards over the source's kept samples, streamed unit by unit: the kept-sample ordinal at
-    which each shard starts, and the number of kept samples."""
+    which each shard starts, and (unit, kept count) per unit."""
     starts, base = [0], 0
     carry = np.empty(0, np.int64)  # sizes of the shard still open, from ordinal ``base``
-    total = 0
+    kept: list[tuple[int, int]] = []
     for unit in units:
         sizes = pq.read_table(kept_path(work, source, unit), columns=["tar_bytes"])["tar_bytes"].to_numpy()
-        total += len(sizes)
+        kept.append((unit, len(sizes)))
         carry = np.concatenate([carry, sizes.astype(np.int64)])
         cuts = _cut_points(carry, cfg)
         starts.extend(base + c for c in cuts)
         if cuts:
             base += cuts[-1]
             carry = carry[cuts[-1] :]
-    return {"starts": starts if total else [], "kept": total}
+    return (starts if sum(n for _, n in kept) else []), kept
+
+
+def write_shard_plan(work: str, source: str, units: Sequence[int], cfg: ShardConfig) -> dict[str, int]:
+    """The source's shard plan as parquet (``plan_path``): per shard its index and the kept rows of the
+    units it holds, as JSON [[unit, first, stop], ...]. Returns the numbers of shards and kept samples."""
+    starts, kept = plan_cuts(work, source, units, cfg)
+    ranges = shard_ranges(kept, starts)
+    plan = pa.table(
+        {
+            "source": pa.array([source] * len(ranges), pa.string()),
+            "index": pa.array(range(len(ranges)), pa.int32()),
+            "ranges": pa.array([json.dumps(r) for r in ranges], pa.string()),
+        }
+    )
+    _atomic_parquet(plan_path(work, source), plan)
+    return {"shards": len(ranges), "kept": sum(n for _, n in kept)}
 
 
 def write_source_ledger(work: str, source: str, units: Sequence[int], folder: Path) -> dict[str, int]:
@@ -265,11 +285,11 @@ def decide_units(
 
 
 def _finish_source_files(batch: dict[str, np.ndarray], work: str, out: str, shards: ShardConfig) -> dict[str, list]:
-    """Ray Data task: a source's shard starts and its rejects ledger."""
+    """Ray Data task: a source's shard plan and its rejects ledger."""
     results = []
     for source, units_json in zip(batch["source"], batch["units"], strict=True):
         source, units = str(source), json.loads(str(units_json))
-        plan = plan_cuts(work, source, units, shards)
+        plan = write_shard_plan(work, source, units, shards)
         by_reason = write_source_ledger(work, source, units, Path(out) / source)
         results.append(json.dumps({"source": source, **plan, "rejects_by_reason": by_reason}))
     return {"result": results}
@@ -278,8 +298,8 @@ def _finish_source_files(batch: dict[str, np.ndarray], work: str, out: str, shar
 def plan_sources(
     units: Sequence[tuple[str, int]], sources: Sequence[str], work: str, out: str, shards: ShardConfig
 ) -> dict[str, dict[str, Any]]:
-    """Per source, in parallel Ray tasks: shard starts (kept-sample ordinals), kept count, rejected inputs
-    per reason (the ledger is written on the way)."""
+    """Per source, in parallel Ray tasks: its shard plan file and rejects ledger; returns per source the
+    numbers of shards and kept samples and the rejected inputs per reason."""
     import ray
 
     items = [{"source": name, "units": json.dumps([u for s, u in units if s == name])} for name in sources]

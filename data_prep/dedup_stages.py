@@ -126,14 +126,15 @@ def dedup_decisions(candidates: Any, cfg: DedupConfig, rows_per_task: int) -> An
     if candidates.count() == 0:
         return ray.data.from_arrow(DECISION_SCHEMA.empty_table()).materialize()
     keyed = grouped(candidates, "key", split_key_duplicates, rows_per_task).materialize()
-    outputs = [keyed.map_batches(_dropped, batch_format="pyarrow")]
-    if cfg.text:
-        texts = keyed.map_batches(_survivors, batch_format="pyarrow", fn_kwargs={"text": True}).materialize()
-        if texts.count():
-            outputs.append(grouped(texts, "content_hash", text_duplicates, rows_per_task))
-    if cfg.exact or cfg.near:
-        images = keyed.map_batches(_survivors, batch_format="pyarrow", fn_kwargs={"text": False}).materialize()
-        resolved = _image_decisions(images, cfg, rows_per_task) if images.count() > 1 else None
+    outputs = [keyed.map_batches(_dropped, batch_format="pyarrow").materialize()]
+    texts = keyed.map_batches(_survivors, batch_format="pyarrow", fn_kwargs={"text": True}).materialize()
+    images = keyed.map_batches(_survivors, batch_format="pyarrow", fn_kwargs={"text": False}).materialize()
+    del keyed  # its blocks leave the object store before the biggest shuffle (the near search) starts
+    if cfg.text and texts.count():
+        outputs.append(grouped(texts, "content_hash", text_duplicates, rows_per_task).materialize())
+    del texts
+    if (cfg.exact or cfg.near) and images.count() > 1:
+        resolved = _image_decisions(images, cfg, rows_per_task)
         if resolved is not None:
             outputs.append(resolved)
     return (outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]).materialize()

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from data_prep.decide import decide_units, plan_sources, shard_members, shard_ranges
+from data_prep.decide import decide_units, plan_path, plan_sources, shard_members
 from data_prep.dedup import DedupConfig
 from data_prep.imaging import ImageConfig
 from data_prep.process import InjectedFailure, process_unit, staging_path
@@ -264,44 +264,47 @@ def _unit_summary(work: Path, unit: Unit) -> dict[str, Any]:
     return json.loads(meta[b"janus.unit"])
 
 
-def shard_specs(
-    cfg: CurateConfig, decided: list[dict[str, Any]], plans: dict[str, dict[str, Any]], chash: str
-) -> list[dict[str, Any]]:
-    """One spec per shard, in job order: which kept rows of which units it holds (from per-unit counts)."""
-    specs: list[dict[str, Any]] = []
-    for src in cfg.sources:
-        kept = [(d["unit"], d["kept"]) for d in decided if d["source"] == src.name]
-        for index, ranges in enumerate(shard_ranges(kept, plans[src.name]["starts"])):
-            specs.append(
-                {
-                    "source": src.name,
-                    "index": index,
-                    "ranges": ranges,
-                    "config_hash": chash,
-                    "fail": len(specs) == cfg.exec.fail_at_shard,
-                }
-            )
-    return specs
-
-
-def write_shards_batch(batch: dict[str, np.ndarray], work: str, out: str) -> dict[str, list]:
-    """Ray Data task: write the shards of a batch of specs."""
+def write_shards_batch(
+    batch: dict[str, np.ndarray], work: str, out: str, config_hash: str, fail_at: list | None
+) -> dict[str, list]:
+    """Ray Data task: write the shards of a batch of shard-plan rows (data_prep.decide.write_shard_plan)."""
     stats = []
-    for text in batch["spec"]:
-        spec = json.loads(str(text))
-        spec["members"], spec["keys_digest"] = shard_members(work, spec["source"], spec.pop("ranges"))
+    for source, index, ranges in zip(batch["source"], batch["index"], batch["ranges"], strict=True):
+        source, index = str(source), int(index)
+        members, digest = shard_members(work, source, json.loads(str(ranges)))
+        spec = {
+            "source": source,
+            "index": index,
+            "members": members,
+            "keys_digest": digest,
+            "config_hash": config_hash,
+            "fail": [source, index] == fail_at,
+        }
         stats.append(json.dumps(write_shard(spec, work, out)))
     return {"stats": stats}
 
 
-def write_all_shards(cfg: CurateConfig, specs: list[dict[str, Any]], work: Path) -> list[dict[str, Any]]:
+def write_all_shards(
+    cfg: CurateConfig, plans: dict[str, dict[str, Any]], work: Path, chash: str
+) -> list[dict[str, Any]]:
+    """Every planned shard, one Ray task each, from the plan files; returns their stats (per-shard summaries)."""
     import ray
 
-    if not specs:
+    fail_at, first = None, 0  # exec.fail_at_shard counts shards over all sources in config order
+    for src in cfg.sources:
+        n = plans[src.name]["shards"]
+        if first <= cfg.exec.fail_at_shard < first + n:
+            fail_at = [src.name, cfg.exec.fail_at_shard - first]
+        first += n
+    if first == 0:
         return []
-    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs))
-    ds = ds.map_batches(write_shards_batch, batch_size=1, num_cpus=1, fn_kwargs={"work": str(work), "out": cfg.out_dir})
-    stats = [json.loads(r["stats"]) for r in ds.take_all()]
+    paths = [str(plan_path(str(work), s.name)) for s in cfg.sources if plans[s.name]["shards"]]
+    ds = ray.data.read_parquet(paths).repartition(first)
+    kwargs = {"work": str(work), "out": cfg.out_dir, "config_hash": chash, "fail_at": fail_at}
+    stats = [
+        json.loads(r["stats"])
+        for r in ds.map_batches(write_shards_batch, batch_size=1, num_cpus=1, fn_kwargs=kwargs).take_all()
+    ]
     return sorted(stats, key=lambda s: (s["source"], s["shard"]))
 
 
@@ -371,7 +374,13 @@ def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
     joins = {s.name: s.dedup for s in cfg.sources}
     decided = decide_units(unit_refs, joins, str(work), cfg.dedup, cfg.exec.dedup_rows_per_task)
     plans = plan_sources(unit_refs, [s.name for s in cfg.sources], str(work), cfg.out_dir, cfg.shards)
-    stats = write_all_shards(cfg, shard_specs(cfg, decided, plans, chash), work)
+    for src in cfg.sources:  # the plan read back every kept file the decisions wrote
+        decided_kept = sum(d["kept"] for d in decided if d["source"] == src.name)
+        if decided_kept != plans[src.name]["kept"]:
+            raise AccountingError(
+                f"source {src.name}: {decided_kept} kept after dedup, {plans[src.name]['kept']} planned"
+            )
+    stats = write_all_shards(cfg, plans, work, chash)
     results = []
     for src in cfg.sources:
         src_units = [s for s in summaries if s["source"] == src.name]

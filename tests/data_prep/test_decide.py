@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.decide import KEPT_SCHEMA, kept_path, plan_cuts, shard_members, shard_ranges
+from data_prep.decide import (
+    KEPT_SCHEMA,
+    kept_path,
+    plan_cuts,
+    plan_path,
+    shard_members,
+    shard_ranges,
+    write_shard_plan,
+)
 from data_prep.writer import ShardConfig, keys_digest, plan_shards
 
 
@@ -36,9 +45,9 @@ def test_streamed_plan_equals_plan_shards(tmp_path):
         ]
         write_kept(tmp_path / str(case), "s", units)
         sizes = [s for u in units for s in u]
-        plan = plan_cuts(str(tmp_path / str(case)), "s", range(len(units)), cfg)
-        assert plan["kept"] == len(sizes)
-        assert plan["starts"] == [a for a, _ in plan_shards(sizes, cfg)], case
+        starts, kept = plan_cuts(str(tmp_path / str(case)), "s", range(len(units)), cfg)
+        assert kept == [(u, len(s)) for u, s in enumerate(units)]
+        assert starts == [a for a, _ in plan_shards(sizes, cfg)], case
 
 
 def test_shard_ranges_and_members_follow_the_kept_files(tmp_path):
@@ -50,3 +59,7 @@ def test_shard_ranges_and_members_follow_the_kept_files(tmp_path):
     members, digest = shard_members(str(tmp_path), "s", ranges[0])
     assert members == [[0, [0, 2, 4]], [2, [0]]] and digest == keys_digest(["k0", "k1", "k2", "k3"])
     assert shard_ranges([], []) == []
+    plan = write_shard_plan(str(tmp_path), "s", range(len(units)), ShardConfig(samples_per_shard=4))
+    assert plan == {"shards": 3, "kept": 9}
+    rows = pq.read_table(plan_path(str(tmp_path), "s")).to_pylist()
+    assert [json.loads(r["ranges"]) for r in rows] == [[list(r) for r in rs] for rs in ranges]
