@@ -67,6 +67,8 @@ class Cluster:
     """Environment of a client that holds the token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH)."""
     plain_env: dict[str, str]
     """Environment of a client without any token (HOME without ~/.ray/auth_token)."""
+    pids: list[int]
+    """The processes the fixture started: `ray start --head --block` and the second node's launcher."""
 
     def alive_nodes(self) -> list[dict]:
         status, text = http(f"{self.dashboard}/api/v0/nodes?limit=100", self.token)
@@ -178,7 +180,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     }
     logs = [root / "head.log", root / "node2.log"]
     procs: list[subprocess.Popen] = []
-    info = Cluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", token, env, {**base, "HOME": str(plain_home)})
+    plain_env = {**base, "HOME": str(plain_home)}
+    info = Cluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", token, env, plain_env, [])
     try:
         with open(logs[0], "w") as log:
             procs.append(
@@ -199,6 +202,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 )
             )
         _wait("second node", lambda: len(info.alive_nodes()) == 2, procs, logs)
+        info.pids.extend(p.pid for p in procs)
         yield info
     finally:
         for p in reversed(procs):
@@ -211,17 +215,12 @@ def test_listens_on_loopback_only(cluster: Cluster) -> None:
 
     nodes = cluster.alive_nodes()
     assert {n["node_ip"] for n in nodes} == {"127.0.0.1"} and len(nodes) == 2
-    ours = {p.pid for p in psutil.process_iter() if _in_our_cluster(p, cluster)}
+    ours = set(cluster.pids)
+    for pid in cluster.pids:  # every Ray process of the cluster descends from the two the fixture started
+        ours |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
     listening = [c for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in ours]
     assert listening, "no listening socket found for the cluster's processes"
     assert {c.laddr.ip.removeprefix("::ffff:") for c in listening} == {"127.0.0.1"}
-
-
-def _in_our_cluster(proc, cluster: Cluster) -> bool:
-    try:
-        return cluster.env["RAY_AUTH_TOKEN_PATH"] == proc.environ().get("RAY_AUTH_TOKEN_PATH")
-    except Exception:  # processes of other users or gone meanwhile
-        return False
 
 
 def test_job_submission_needs_the_token(cluster: Cluster, tmp_path: Path) -> None:
