@@ -169,9 +169,7 @@ def _extra_choices(deadline: list[int], must: np.ndarray, allowed: np.ndarray, m
     return out
 
 
-def order_slots(
-    sched: Schedule, start: int, end: int, c0: np.ndarray, c1: np.ndarray
-) -> np.ndarray | None:
+def order_slots(sched: Schedule, start: int, end: int, c0: np.ndarray, c1: np.ndarray) -> np.ndarray | None:
     """Group of each slot in [start, end) going from counts c0 to c1, within one of target at every prefix.
 
     Earliest-deadline-first; None when no such order exists (EDF is exact for unit jobs).
@@ -243,9 +241,10 @@ class BlendIndex:
                 pending.append(iter(_extra_choices(deadline, must, allowed, m)))
             for x in pending[s - 1]:
                 c1 = counts[-1] + base[s - 1] + x
-                if self._extendable(int(bounds[s]), c1, scaled[s]) and self._order(
-                    s - 1, counts[-1], c1, scaled[s - 1]
-                ) is not None:
+                if (
+                    self._extendable(int(bounds[s]), c1, scaled[s])
+                    and self._order(s - 1, counts[-1], c1, scaled[s - 1]) is not None
+                ):
                     counts.append(c1)
                     break
             else:

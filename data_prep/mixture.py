@@ -117,8 +117,9 @@ class StageConfig:
                 raise ValueError(f"group {name!r}: with phases, give ratios per phase, not group.ratio")
         for i, phase in enumerate(self.phases):
             if set(phase.ratios) != set(self.groups):
-                raise ValueError(f"phase {i} ratios name {sorted(phase.ratios)}, the stage's groups are "
-                                 f"{sorted(self.groups)}")
+                raise ValueError(
+                    f"phase {i} ratios name {sorted(phase.ratios)}, the stage's groups are {sorted(self.groups)}"
+                )
             if phase.steps is not None and self.global_batch is None:
                 raise ValueError(f"phase {i} gives steps but the stage has no global_batch")
 
@@ -203,8 +204,15 @@ def load_source(name: str, directory: str | Path) -> SourceEntry:
         raise ValueError(f"source {name!r}: manifest says {expected} samples, its tars hold {len(keys)}")
     if not keys:
         raise ValueError(f"source {name!r} in {directory} has no samples")
-    return SourceEntry(name=name, task=str(manifest.get("task", "")), directory=directory,
-                       manifest_sha256=hashlib.sha256(raw).hexdigest(), shards=shards, members=members, keys=keys)
+    return SourceEntry(
+        name=name,
+        task=str(manifest.get("task", "")),
+        directory=directory,
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        shards=shards,
+        members=members,
+        keys=keys,
+    )
 
 
 @dataclass
@@ -274,8 +282,10 @@ def check_source_task(group: str, source: SourceEntry, use_as: str | None) -> st
     """The task the source's samples carry in this group; an error when it does not belong there."""
     task = use_as or source.task
     if task not in GROUP_TASKS[group]:
-        raise ValueError(f"source {source.name!r} (task {source.task!r}, use_as {use_as!r}) cannot feed group "
-                         f"{group!r}, which takes {sorted(GROUP_TASKS[group])}")
+        raise ValueError(
+            f"source {source.name!r} (task {source.task!r}, use_as {use_as!r}) cannot feed group "
+            f"{group!r}, which takes {sorted(GROUP_TASKS[group])}"
+        )
     return task
 
 
@@ -308,7 +318,14 @@ def build_stage_plan(
         available = np.array([len(sources[s]) for s in names], dtype=np.int64)
         for s, q, a in zip(names, quotas, available, strict=True):
             if q > a:
-                log.warning("stage %s, group %s: source %s holds %d samples for a quota of %d: repeated x%.2f",
-                            name, g, s, a, q, q / a)
+                log.warning(
+                    "stage %s, group %s: source %s holds %d samples for a quota of %d: repeated x%.2f",
+                    name,
+                    g,
+                    s,
+                    a,
+                    q,
+                    q / a,
+                )
         plans.append(GroupPlan(g, names, use_as, pattern, total, quotas, available))
     return StagePlan(name, seed, plans, index, ratios, lengths, window)

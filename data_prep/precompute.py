@@ -98,9 +98,19 @@ class JanusVQEncoder:
             model = JanusVQVAE.from_pretrained(path)
         else:
             torch.manual_seed(seed)
-            model = JanusVQVAE(JanusVQVAEConfig(
-                embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 2],
-                num_res_blocks=1, num_patches=4, projection_dim=32, image_token_embed_dim=32))
+            model = JanusVQVAE(
+                JanusVQVAEConfig(
+                    embed_dim=8,
+                    num_embeddings=64,
+                    latent_channels=32,
+                    base_channels=32,
+                    channel_multiplier=[1, 1, 2],
+                    num_res_blocks=1,
+                    num_patches=4,
+                    projection_dim=32,
+                    image_token_embed_dim=32,
+                )
+            )
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     def encode(self, pixels: np.ndarray) -> list[np.ndarray]:
@@ -118,7 +128,12 @@ class SDVAEEncoder:
     field = LATENT_EXT
 
     def __init__(
-        self, path: str | None = None, *, resolution: int = 32, seed: int = 0, device: str | None = None,
+        self,
+        path: str | None = None,
+        *,
+        resolution: int = 32,
+        seed: int = 0,
+        device: str | None = None,
         dtype: str = "float32",
     ):
         import torch
@@ -132,9 +147,14 @@ class SDVAEEncoder:
         else:
             torch.manual_seed(seed)
             model = AutoencoderKL(
-                block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
-                layers_per_block=1, sample_size=resolution)
+                block_out_channels=(32, 32),
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2,
+                latent_channels=4,
+                norm_num_groups=32,
+                layers_per_block=1,
+                sample_size=resolution,
+            )
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.scale = float(self.model.config.scaling_factor)
 
@@ -205,8 +225,13 @@ class ShardPrecomputer:
 
 
 def run_precompute(
-    paths: Sequence[Path], encoder_cls: type, encoder_kw: dict[str, Any], *, batch_size: int = 16,
-    num_actors: int = 1, num_gpus_per_actor: float | None = None,
+    paths: Sequence[Path],
+    encoder_cls: type,
+    encoder_kw: dict[str, Any],
+    *,
+    batch_size: int = 16,
+    num_actors: int = 1,
+    num_gpus_per_actor: float | None = None,
 ) -> dict[str, int]:
     """Precompute every shard in ``paths`` on a Ray Data actor pool; returns encoded samples per shard name."""
     import ray
@@ -220,9 +245,12 @@ def run_precompute(
     try:
         ds = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=max(1, len(paths)))
         ds = ds.map_batches(
-            ShardPrecomputer, fn_constructor_kwargs={"encoder_cls": encoder_cls, "encoder_kwargs": encoder_kw,
-                                                     "batch_size": batch_size},
-            batch_size=1, compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=num_gpus_per_actor)
+            ShardPrecomputer,
+            fn_constructor_kwargs={"encoder_cls": encoder_cls, "encoder_kwargs": encoder_kw, "batch_size": batch_size},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_gpus=num_gpus_per_actor,
+        )
         rows = ds.take_all()
     finally:
         if started:
@@ -235,4 +263,3 @@ def precompute_config_encoder(cfg: PrecomputeConfig) -> tuple[type, dict[str, An
     if cfg.kind not in ENCODERS:
         raise ValueError(f"precompute.kind {cfg.kind!r} has no encoder; choose one of {sorted(ENCODERS)}")
     return ENCODERS[cfg.kind], encoder_kwargs(cfg)
-

@@ -95,17 +95,27 @@ def write_shard(plan: StagePlan, reader: SourceReader, out_dir: Path, s: int, ca
     source_counts = [np.zeros(len(g.sources), dtype=np.int64) for g in plan.groups]
     cut = chosen = 0
     with TarShardWriter(out_dir / shard_name(plan.name, s)) as writer:
-        for g, src, idx, epoch in zip(*(slots[k].tolist() for k in ("group", "source", "sample", "epoch")),
-                                      strict=True):
+        for g, src, idx, epoch in zip(
+            *(slots[k].tolist() for k in ("group", "source", "sample", "epoch")), strict=True
+        ):
             gp = plan.groups[g]
-            mixed, was_chosen, was_cut = mix_record(reader.record(gp.sources[src], idx), task=gp.use_as[src],
-                                                    epoch=epoch, seed=plan.seed, caption_fraction=caption_fraction)
+            mixed, was_chosen, was_cut = mix_record(
+                reader.record(gp.sources[src], idx),
+                task=gp.use_as[src],
+                epoch=epoch,
+                seed=plan.seed,
+                caption_fraction=caption_fraction,
+            )
             writer.write(mixed)
             cut += was_cut
             chosen += was_chosen
             source_counts[g][src] += 1
-    return {"groups": np.bincount(slots["group"], minlength=len(plan.groups)), "sources": source_counts,
-            "cut": cut, "chosen": chosen}
+    return {
+        "groups": np.bincount(slots["group"], minlength=len(plan.groups)),
+        "sources": source_counts,
+        "cut": cut,
+        "chosen": chosen,
+    }
 
 
 def write_shard_range(
@@ -142,14 +152,19 @@ def write_stage_shards(
     else:
         results = [write_shard_range(plan, sources, out_dir, r, caption_fraction) for r in ranges]
     per_shard = [x for chunk in results for x in chunk]
-    source_counts = [sum((x["sources"][g] for x in per_shard), np.zeros(len(gp.sources), np.int64))
-                     for g, gp in enumerate(plan.groups)]
-    return {"names": names, "shard_counts": np.stack([x["groups"] for x in per_shard]),
-            "source_counts": source_counts,
-            # each pass over a source is a permutation, so the first min(count, size) draws are all distinct
-            "distinct": [np.minimum(c, gp.available).tolist() for c, gp in zip(source_counts, plan.groups,
-                                                                                strict=True)],
-            "caption_cut": sum(x["cut"] for x in per_shard), "caption_chosen": sum(x["chosen"] for x in per_shard)}
+    source_counts = [
+        sum((x["sources"][g] for x in per_shard), np.zeros(len(gp.sources), np.int64))
+        for g, gp in enumerate(plan.groups)
+    ]
+    return {
+        "names": names,
+        "shard_counts": np.stack([x["groups"] for x in per_shard]),
+        "source_counts": source_counts,
+        # each pass over a source is a permutation, so the first min(count, size) draws are all distinct
+        "distinct": [np.minimum(c, gp.available).tolist() for c, gp in zip(source_counts, plan.groups, strict=True)],
+        "caption_cut": sum(x["cut"] for x in per_shard),
+        "caption_chosen": sum(x["chosen"] for x in per_shard),
+    }
 
 
 def _ratios(counts: np.ndarray, groups: list[str]) -> dict[str, float]:
@@ -171,37 +186,58 @@ def build_manifest(plan: StagePlan, written: dict, sources: dict[str, SourceEntr
         srcs = {}
         for si, s in enumerate(gp.sources):
             count = int(written["source_counts"][gi][si])
-            srcs[s] = {"weight": float(gp.pattern.weights[si]), "use_as": gp.use_as[si],
-                       "available": int(gp.available[si]), "count": count,
-                       "distinct_used": int(written["distinct"][gi][si]),
-                       "repeat_factor": round(count / int(gp.available[si]), 6),
-                       "manifest_sha256": sources[s].manifest_sha256}
+            srcs[s] = {
+                "weight": float(gp.pattern.weights[si]),
+                "use_as": gp.use_as[si],
+                "available": int(gp.available[si]),
+                "count": count,
+                "distinct_used": int(written["distinct"][gi][si]),
+                "repeat_factor": round(count / int(gp.available[si]), 6),
+                "manifest_sha256": sources[s].manifest_sha256,
+            }
         out_groups[gp.name] = {
             "target_ratio": round(float(total_target[gi] / sched.total), 6),
             "realised_ratio": round(float(index.counts[-1, gi] / sched.total), 6),
-            "target_count": round(float(total_target[gi]), 6), "count": int(index.counts[-1, gi]),
-            "worst_shard_deviation": round(float(dev[:, gi].max()), 6), "sources": srcs}
+            "target_count": round(float(total_target[gi]), 6),
+            "count": int(index.counts[-1, gi]),
+            "worst_shard_deviation": round(float(dev[:, gi].max()), 6),
+            "sources": srcs,
+        }
     phases = []
     for p, (ratios, start) in enumerate(zip(plan.phase_ratios, sched.starts.tolist(), strict=True)):
         end = start + plan.phase_lengths[p]
         realised = index.counts_at(end) - index.counts_at(start)
-        phases.append({"start": start, "end": end, "target_ratios": _ratios(np.array(ratios), groups),
-                       "realised_ratios": _ratios(realised, groups)})
+        phases.append(
+            {
+                "start": start,
+                "end": end,
+                "target_ratios": _ratios(np.array(ratios), groups),
+                "realised_ratios": _ratios(realised, groups),
+            }
+        )
     return {
         **info,
-        "stage": plan.name, "seed": plan.seed, "samples": sched.total,
-        "shuffle_window": plan.window, "groups": out_groups, "phases": phases,
+        "stage": plan.name,
+        "seed": plan.seed,
+        "samples": sched.total,
+        "shuffle_window": plan.window,
+        "groups": out_groups,
+        "phases": phases,
         "target_ratios": _ratios(total_target, groups),
         "realised_ratios": _ratios(index.counts[-1], groups),
-        "worst_shard": {"name": written["names"][worst], "max_deviation": round(float(dev[worst].max()), 6),
-                        "target_counts": [round(float(t), 6) for t in shard_targets[worst]],
-                        "counts": written["shard_counts"][worst].tolist(),
-                        "realised_ratios": _ratios(written["shard_counts"][worst], groups)},
-        "caption_first_sentence": {"chosen": int(written["caption_chosen"]),
-                                   "truncated": int(written["caption_cut"])},
+        "worst_shard": {
+            "name": written["names"][worst],
+            "max_deviation": round(float(dev[worst].max()), 6),
+            "target_counts": [round(float(t), 6) for t in shard_targets[worst]],
+            "counts": written["shard_counts"][worst].tolist(),
+            "realised_ratios": _ratios(written["shard_counts"][worst], groups),
+        },
+        "caption_first_sentence": {"chosen": int(written["caption_chosen"]), "truncated": int(written["caption_cut"])},
         "source_manifests": {s: sources[s].manifest_sha256 for gp in plan.groups for s in gp.sources},
-        "shards": [{"name": n, "samples": int(c.sum()), "counts": dict(zip(groups, c.tolist(), strict=True))}
-                   for n, c in zip(written["names"], written["shard_counts"], strict=True)],
+        "shards": [
+            {"name": n, "samples": int(c.sum()), "counts": dict(zip(groups, c.tolist(), strict=True))}
+            for n, c in zip(written["names"], written["shard_counts"], strict=True)
+        ],
     }
 
 

@@ -145,7 +145,5 @@ def map_fields(rec: RawRecord, src: SourceConfig) -> Fields:
         out.conversation = _tag_image(out.conversation)
     out.scores = _scores(row, src)
     used = {c for c in cols.values() if c} | set(src.score_fields.values())
-    out.extra = {
-        k: v for k, v in sorted(row.items()) if k not in used and not k.startswith("__") and _jsonable(v)
-    }
+    out.extra = {k: v for k, v in sorted(row.items()) if k not in used and not k.startswith("__") and _jsonable(v)}
     return out

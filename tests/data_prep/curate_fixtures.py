@@ -80,9 +80,10 @@ def write_hf_disk(folder: Path, rows: list[dict], class_names: list[str]) -> Pat
     """What ``datasets.Dataset.save_to_disk`` writes: arrow stream files + dataset_info.json + state.json."""
     folder.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows)
-    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(
-        sink, table.schema
-    ) as writer:
+    with (
+        pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as writer,
+    ):
         writer.write_table(table)
     info = {"features": {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": class_names}}}
     (folder / "dataset_info.json").write_text(json.dumps(info))

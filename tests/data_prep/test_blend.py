@@ -17,9 +17,15 @@ from data_prep.blend import (
 )
 
 PAPER_RATIOS = {
-    "janus_pro_1": [1, 0, 3], "janus_pro_2": [2, 3, 5], "janus_pro_3": [5, 1, 4], "janus_3": [7, 3, 10],
-    "janusflow_1": [50, 50, 0], "janusflow_2a": [30, 50, 20], "janusflow_2b": [14, 80, 6],
-    "janusflow_3": [21, 70, 9], "janusflow_pre": [2, 8],
+    "janus_pro_1": [1, 0, 3],
+    "janus_pro_2": [2, 3, 5],
+    "janus_pro_3": [5, 1, 4],
+    "janus_3": [7, 3, 10],
+    "janusflow_1": [50, 50, 0],
+    "janusflow_2a": [30, 50, 20],
+    "janusflow_2b": [14, 80, 6],
+    "janusflow_3": [21, 70, 9],
+    "janusflow_pre": [2, 8],
 }
 
 
@@ -96,8 +102,11 @@ def test_paper_scale_plan_is_cheap_and_exact_at_the_phase_switch() -> None:
     assert index.num_shards == total // 10_000
     assert index.counts_at(first).tolist() == [first * 30 // 100, first * 50 // 100, first * 20 // 100]
     rest = total - first
-    assert index.counts[-1].tolist() == [first * 30 // 100 + rest * 14 // 100, first * 50 // 100 + rest * 80 // 100,
-                                         first * 20 // 100 + rest * 6 // 100]
+    assert index.counts[-1].tolist() == [
+        first * 30 // 100 + rest * 14 // 100,
+        first * 50 // 100 + rest * 80 // 100,
+        first * 20 // 100 + rest * 6 // 100,
+    ]
     shard = index.shard_groups(index.num_shards // 2)
     assert np.bincount(shard, minlength=3).tolist() == [1400, 8000, 600]
 

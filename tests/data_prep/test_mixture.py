@@ -22,8 +22,11 @@ from data_prep.stage_shards import (
 )
 from tests.data_prep.mix_fixtures import write_source
 
-GROUP_OF_TASK = {**dict.fromkeys(UNDERSTANDING_TASKS, 0), **dict.fromkeys(GENERATION_TASKS, 1),
-                 **dict.fromkeys(TEXT_TASKS, 2)}
+GROUP_OF_TASK = {
+    **dict.fromkeys(UNDERSTANDING_TASKS, 0),
+    **dict.fromkeys(GENERATION_TASKS, 1),
+    **dict.fromkeys(TEXT_TASKS, 2),
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +81,11 @@ def test_written_stream_is_exact_at_every_prefix_and_shard(curated: Path, tmp_pa
     for i, start in enumerate(range(0, 600, 64)):
         c = counts[min(start + 64, 600)] - counts[start]
         assert (np.abs(c - np.array([0.5, 0.4, 0.1]) * sizes[i]) < 1).all()
-    assert manifest["realised_ratios"] == manifest["target_ratios"] == {"understanding": 0.5, "generation": 0.4,
-                                                                         "text": 0.1}
+    assert (
+        manifest["realised_ratios"]
+        == manifest["target_ratios"]
+        == {"understanding": 0.5, "generation": 0.4, "text": 0.1}
+    )
     assert manifest["worst_shard"]["max_deviation"] < 1
     assert len({s["__key__"] for s in samples}) == 600  # repeated samples get unique keys
     for s in samples:
@@ -102,8 +108,11 @@ def test_repetition_and_subsampling(curated: Path, tmp_path: Path) -> None:
     shapes = manifest["groups"]["generation"]["sources"]["shapes"]
     assert shapes["repeat_factor"] == pytest.approx(120 / 400) and shapes["distinct_used"] == 120
     samples = read_stream(tmp_path)
-    uses = Counter(json.loads(s["json"])["source_key"] for s in samples
-                   if json.loads(s["json"])["source"] == "photos" and json.loads(s["json"])["task"] == "caption")
+    uses = Counter(
+        json.loads(s["json"])["source_key"]
+        for s in samples
+        if json.loads(s["json"])["source"] == "photos" and json.loads(s["json"])["task"] == "caption"
+    )
     assert set(uses.values()) <= {3, 4} and sum(uses.values()) == 100  # whole passes, one permutation each
     shapes_used = {json.loads(s["json"])["source_key"] for s in samples if json.loads(s["json"])["source"] == "shapes"}
     # Subsampling is deterministic for a seed and changes with it.
@@ -111,8 +120,11 @@ def test_repetition_and_subsampling(curated: Path, tmp_path: Path) -> None:
     other_dir = tmp_path / "other"
     write(curated, other_dir, stage(600), seed=1)
     assert again["shards"] == manifest["shards"]
-    other = {json.loads(s["json"])["source_key"] for s in read_stream(other_dir)
-             if json.loads(s["json"])["source"] == "shapes"}
+    other = {
+        json.loads(s["json"])["source_key"]
+        for s in read_stream(other_dir)
+        if json.loads(s["json"])["source"] == "shapes"
+    }
     assert len(other) == 120 and other != shapes_used
 
 
@@ -127,8 +139,10 @@ def test_byte_reproducible(curated: Path, tmp_path: Path) -> None:
 
 
 def test_phases(curated: Path, tmp_path: Path) -> None:
-    phases = [PhaseConfig(samples=200, ratios={"understanding": 30, "generation": 50, "text": 20}),
-              PhaseConfig(ratios={"understanding": 14, "generation": 80, "text": 6})]
+    phases = [
+        PhaseConfig(samples=200, ratios={"understanding": 30, "generation": 50, "text": 20}),
+        PhaseConfig(ratios={"understanding": 14, "generation": 80, "text": 6}),
+    ]
     cfg = stage(700, phases=phases)
     _, manifest = write(curated, tmp_path, cfg, shard=100)
     groups = np.array([GROUP_OF_TASK[json.loads(s["json"])["task"]] for s in read_stream(tmp_path)])
@@ -178,16 +192,20 @@ def test_config_errors(curated: Path) -> None:
     with pytest.raises(ValueError, match="needs a ratio"):
         StageConfig(samples=10, groups={"text": GroupConfig()})
     with pytest.raises(ValueError, match="phase 0 ratios"):
-        StageConfig(samples=10, groups={"text": GroupConfig(), "generation": GroupConfig()},
-                    phases=[PhaseConfig(ratios={"text": 1})])
+        StageConfig(
+            samples=10,
+            groups={"text": GroupConfig(), "generation": GroupConfig()},
+            phases=[PhaseConfig(ratios={"text": 1})],
+        )
     with pytest.raises(ValueError, match="samples, or steps"):
         StageConfig(groups={"text": GroupConfig(ratio=1)})
     with pytest.raises(ValueError, match="use_as"):
         SourceConfig(use_as="picture")
     bad = StageConfig(samples=10, groups={"generation": GroupConfig(ratio=1, sources={"charts": SourceConfig()})})
     with pytest.raises(ValueError, match="cannot feed group 'generation'"):
-        build_stage_plan("s", bad, {"charts": load_source("charts", curated / "charts")}, samples_per_shard=5,
-                         window=1, mix_seed=0)
+        build_stage_plan(
+            "s", bad, {"charts": load_source("charts", curated / "charts")}, samples_per_shard=5, window=1, mix_seed=0
+        )
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         load_source("missing", curated / "missing")
 

@@ -134,8 +134,7 @@ def test_ray_actor_pool_writes_the_same_bytes(ray_local: None, vq: JanusVQEncode
     local = [Path(shutil.copy(p, tmp_path / f"local-{i}.tar")) for i, p in enumerate(paths)]
     for p in local:
         precompute_shard(p, vq)
-    counts = run_precompute(paths, JanusVQEncoder, {"resolution": RES, "seed": 0}, num_actors=1,
-                            num_gpus_per_actor=0)
+    counts = run_precompute(paths, JanusVQEncoder, {"resolution": RES, "seed": 0}, num_actors=1, num_gpus_per_actor=0)
     assert counts == {"s-0.tar": 2, "s-1.tar": 3, "s-2.tar": 3}
     for p, q in zip(paths, local, strict=True):
         assert p.read_bytes() == q.read_bytes()

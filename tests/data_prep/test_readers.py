@@ -48,8 +48,9 @@ def test_parquet_inline_bytes(world):
 
 def test_parquet_paths_and_uri(tmp_path):
     pattern(1).save(tmp_path / "a.png")
-    pq.write_table(pa.table({"id": ["a", "b"], "image": ["a.png", "zz.png"], "caption": ["x y", "x y"]}),
-                   tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "image": ["a.png", "zz.png"], "caption": ["x y", "x y"]}), tmp_path / "m.parquet"
+    )
     recs = _records({"name": "p", "kind": "caption", "format": "parquet", "path": f"file://{tmp_path}"})
     assert recs[0].image is not None and recs[1].error[0] == "missing_file"
 

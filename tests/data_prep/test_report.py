@@ -4,8 +4,15 @@ from data_prep.shards import write_tar
 from tests.data_prep.curate_fixtures import encode, pattern
 
 RESULTS = [
-    {"source": "a", "inputs": 10, "kept": 7, "rejected": 3, "bytes": 4096, "seconds": 2.0,
-     "rejects_by_reason": {"too_small": 2, "duplicate_near": 1}},
+    {
+        "source": "a",
+        "inputs": 10,
+        "kept": 7,
+        "rejected": 3,
+        "bytes": 4096,
+        "seconds": 2.0,
+        "rejects_by_reason": {"too_small": 2, "duplicate_near": 1},
+    },
     {"source": "b", "inputs": 5, "kept": 5, "rejected": 0, "bytes": 1024, "seconds": 1.0, "rejects_by_reason": {}},
 ]
 
@@ -26,8 +33,13 @@ def test_source_metrics():
 
 def test_grid_image(tmp_path):
     samples = [
-        Sample(key=f"k{i}", meta=SampleMeta(source="s", source_key=str(i), task="t2i"),
-               image=encode(pattern(i, (64, 48))), image_ext="png", text="x")
+        Sample(
+            key=f"k{i}",
+            meta=SampleMeta(source="s", source_key=str(i), task="t2i"),
+            image=encode(pattern(i, (64, 48))),
+            image_ext="png",
+            text="x",
+        )
         for i in range(20)
     ]
     write_tar(tmp_path / "s-000000.tar", [encode_sample(s) for s in samples])

@@ -143,8 +143,11 @@ def test_digits_and_shapes_qa_ask_about_the_same_pixels(world: Path) -> None:
             facts = json.loads((world / "shapes" / split / f"{i:06d}.json").read_text())
             assert sample["png"] == (world / "shapes" / split / f"{i:06d}.png").read_bytes()
             turns = json.loads(sample["json"])["conversation"]
-            expected = {"What colour is the shape?": facts["color"], "What shape is it?": facts["shape"],
-                        "How many shapes are there?": str(facts["count"])}
+            expected = {
+                "What colour is the shape?": facts["color"],
+                "What shape is it?": facts["shape"],
+                "How many shapes are there?": str(facts["count"]),
+            }
             asked = {q["content"].split("\n")[-1]: a["content"] for q, a in zip(turns[0::2], turns[1::2], strict=True)}
             assert asked == expected and turns[0]["content"].startswith("<image>\n")
             first_questions.add(turns[0]["content"])

@@ -37,8 +37,9 @@ def test_mapping_auto_and_configured_fields():
     f = map_fields(RawRecord("a", "loc", row=row), _src())
     assert f.text == "a cat" and f.scores == {"clip": 0.3, "watermark": 0.1}
     assert f.extra == {"id": "a", "url": "http://x"}  # bytes are not JSON: dropped
-    f = map_fields(RawRecord("a", "loc", row={"desc": "x y z", "y": b"7"}),
-                   _src("class_label", text_field="desc", label_field="y"))
+    f = map_fields(
+        RawRecord("a", "loc", row={"desc": "x y z", "y": b"7"}), _src("class_label", text_field="desc", label_field="y")
+    )
     assert f.text == "x y z" and f.label == 7
 
 

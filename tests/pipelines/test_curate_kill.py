@@ -26,8 +26,9 @@ def _config(tmp_path: Path, out: Path) -> Path:
             (src / f"{i:06d}.txt").write_text(f"a smooth picture number {i}")
     cfg = {
         "out_dir": str(out),
-        "sources": [{"name": "pics", "kind": "synthetic_aesthetic", "format": "image_folder", "path": str(src),
-                     "unit_size": 8}],
+        "sources": [
+            {"name": "pics", "kind": "synthetic_aesthetic", "format": "image_folder", "path": str(src), "unit_size": 8}
+        ],
         "shards": {"samples_per_shard": 50},
         "exec": {"num_cpus": 1, "progress": False, "keep_work": True},
         "tracking": {"backend": "none"},
@@ -43,8 +44,14 @@ def test_sigkill_then_resume_gives_clean_bytes(tmp_path, ray_local):  # noqa: F8
     killed_out = tmp_path / "killed"
     cfg_path = _config(tmp_path, killed_out)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.curate", "--config", str(cfg_path)], cwd=REPO,
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.curate", "--config", str(cfg_path)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     work = killed_out / "_work" / "pics"
     deadline = time.time() + 120
     try:
@@ -62,7 +69,6 @@ def test_sigkill_then_resume_gives_clean_bytes(tmp_path, ray_local):  # noqa: F8
     clean_out = tmp_path / "clean"
     run_curation(load_config(CurateConfig, _config(tmp_path, clean_out)))
     files = sorted(p.relative_to(clean_out / "pics") for p in (clean_out / "pics").rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(killed_out / "pics") for p in (killed_out / "pics").rglob("*")
-                           if p.is_file())
+    assert files == sorted(p.relative_to(killed_out / "pics") for p in (killed_out / "pics").rglob("*") if p.is_file())
     assert all((clean_out / "pics" / f).read_bytes() == (killed_out / "pics" / f).read_bytes() for f in files)
     assert json.loads((clean_out / "pics" / "manifest.json").read_text())["kept"] == 240

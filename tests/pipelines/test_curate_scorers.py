@@ -55,8 +55,16 @@ def test_job_runs_scorers_in_actor_pool_and_filters(weights, tmp_path, ray_local
     raw = sorted(scorer.score([pattern(100 + i) for i in range(12)]))
     threshold = (raw[5] + raw[6]) / 2
     cfg = CurateConfig(
-        sources=[SourceConfig(name="scored", kind="caption", format="jsonl", path=str(folder / "m.jsonl"),
-                              unit_size=4, filters=FilterConfig(min_scores={"aesthetic": threshold}))],
+        sources=[
+            SourceConfig(
+                name="scored",
+                kind="caption",
+                format="jsonl",
+                path=str(folder / "m.jsonl"),
+                unit_size=4,
+                filters=FilterConfig(min_scores={"aesthetic": threshold}),
+            )
+        ],
         out_dir=str(tmp_path / "out"),
         scorers=[ScorerConfig(name="aesthetic", model="tiny_cnn", weights=weights, input_size=32)],
         exec=ExecConfig(progress=False, scorer_actors=2),
@@ -64,8 +72,10 @@ def test_job_runs_scorers_in_actor_pool_and_filters(weights, tmp_path, ray_local
     )
     (result,) = run_curation(cfg)
     assert (result["kept"], result["rejects_by_reason"]) == (6, {"score_aesthetic_low": 6})
-    samples = [decode_sample(r) for r in wds.WebDataset(str(tmp_path / "out" / "scored" / "scored-000000.tar"),
-                                                          shardshuffle=False)]
+    samples = [
+        decode_sample(r)
+        for r in wds.WebDataset(str(tmp_path / "out" / "scored" / "scored-000000.tar"), shardshuffle=False)
+    ]
     assert all(s.meta.scores["aesthetic"] >= threshold for s in samples)
     manifest = json.loads((tmp_path / "out" / "scored" / "manifest.json").read_text())
     assert manifest["inputs"] == 12

@@ -77,8 +77,11 @@ def test_evaluate_end_to_end_random_checkpoint(world: Path, tmp_path: Path) -> N
     assert saved["family"] == "janus_pro" and results == json.loads(json.dumps(report["results"]))
     assert results["understanding/digit"]["n"] == 6 and results["understanding/digit"]["chance"] == pytest.approx(0.1)
     assert results["understanding/shape_colour"]["chance"] == pytest.approx(1 / 6)
-    top = [r for k, r in results.items()
-           if k.startswith("understanding/") and k.count("/") == 1 and k != "understanding/all"]
+    top = [
+        r
+        for k, r in results.items()
+        if k.startswith("understanding/") and k.count("/") == 1 and k != "understanding/all"
+    ]
     assert {"understanding/digit", "understanding/chart_doc"} <= set(results)
     overall = results["understanding/all"]  # the mean over question types, each weighing the same
     assert overall["accuracy"] == pytest.approx(sum(r["accuracy"] for r in top) / len(top))

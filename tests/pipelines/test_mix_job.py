@@ -16,8 +16,11 @@ from tests.data_prep.mix_fixtures import write_toy_curated
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
 TOY_RECIPES = ["mix_toy_janus_pro", "mix_toy_janusflow", "mix_toy_janusflow_pretrain"]
-PAPER = {"mix_toy_janus_pro": "mix_janus_pro", "mix_toy_janusflow": "mix_janusflow",
-         "mix_toy_janusflow_pretrain": "mix_janusflow_pretrain"}
+PAPER = {
+    "mix_toy_janus_pro": "mix_janus_pro",
+    "mix_toy_janusflow": "mix_janusflow",
+    "mix_toy_janusflow_pretrain": "mix_janusflow_pretrain",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,37 +48,59 @@ def test_toy_recipe_has_the_paper_ratios(recipe: str) -> None:
 def test_paper_numbers() -> None:
     jp = load_config(MixConfig, CONFIGS / "mix_janus_pro.yaml")
     got = {s: {g: v.ratio for g, v in st.groups.items()} for s, st in jp.stages.items()}
-    assert got == {"stage1": {"understanding": 1, "text": 0, "generation": 3},
-                   "stage2": {"understanding": 2, "text": 3, "generation": 5},
-                   "stage3": {"understanding": 5, "text": 1, "generation": 4}}
+    assert got == {
+        "stage1": {"understanding": 1, "text": 0, "generation": 3},
+        "stage2": {"understanding": 2, "text": 3, "generation": 5},
+        "stage3": {"understanding": 5, "text": 1, "generation": 4},
+    }
     gen2 = jp.stages["stage2"].groups["generation"].sources
-    assert {k: (v.weight, v.use_as) for k, v in gen2.items()} == {"image_captions": (1, "t2i"),
-                                                                   "synthetic_aesthetic": (1, None)}
+    assert {k: (v.weight, v.use_as) for k, v in gen2.items()} == {
+        "image_captions": (1, "t2i"),
+        "synthetic_aesthetic": (1, None),
+    }
     assert jp.stages["stage1"].groups["generation"].sources.keys() == {"imagenet1k"}
     assert [st.num_samples for st in jp.stages.values()] == [20_000 * 256, 270_000 * 512, 80_000 * 128]
     j7 = load_config(MixConfig, CONFIGS / "mix_janus_pro_7b.yaml")
     assert j7.stages["stage3"].steps == 40_000 and j7.stages["stage2"].groups["text"].ratio == 3
     jf = load_config(MixConfig, CONFIGS / "mix_janusflow.yaml")
-    assert {g: v.ratio for g, v in jf.stages["stage1"].groups.items()} == {"understanding": 50, "generation": 50,
-                                                                            "text": 0}
+    assert {g: v.ratio for g, v in jf.stages["stage1"].groups.items()} == {
+        "understanding": 50,
+        "generation": 50,
+        "text": 0,
+    }
     ph = jf.stages["stage2"].phases
-    assert (ph[0].steps, ph[0].ratios, ph[1].steps) == (10_000, {"understanding": 30, "generation": 50,
-                                                                 "text": 20}, None)
+    assert (ph[0].steps, ph[0].ratios, ph[1].steps) == (
+        10_000,
+        {"understanding": 30, "generation": 50, "text": 20},
+        None,
+    )
     assert ph[1].ratios == {"understanding": 14, "generation": 80, "text": 6}
-    assert {g: v.ratio for g, v in jf.stages["stage3"].groups.items()} == {"understanding": 21, "generation": 70,
-                                                                            "text": 9}
+    assert {g: v.ratio for g, v in jf.stages["stage3"].groups.items()} == {
+        "understanding": 21,
+        "generation": 70,
+        "text": 9,
+    }
     pre = load_config(MixConfig, CONFIGS / "mix_janusflow_pretrain.yaml")
     assert {g: v.ratio for g, v in pre.stages["pretrain"].groups.items()} == {"understanding": 2, "generation": 8}
 
 
 @pytest.mark.parametrize("recipe", TOY_RECIPES)
-def test_toy_recipe_runs_and_prints_exact_ratios(recipe: str, curated: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_toy_recipe_runs_and_prints_exact_ratios(
+    recipe: str, curated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "stages"
     shipped = load_config(MixConfig, CONFIGS / f"{recipe}.yaml")
     short = [f"stages.{name}.steps={min(st.steps, 40)}" for name, st in shipped.stages.items()]  # test-sized
-    rc = main(["--config", str(CONFIGS / f"{recipe}.yaml"), f"curated_dir={curated}", f"out_dir={out}",
-               "tracking.backend=jsonl", *short])
+    rc = main(
+        [
+            "--config",
+            str(CONFIGS / f"{recipe}.yaml"),
+            f"curated_dir={curated}",
+            f"out_dir={out}",
+            "tracking.backend=jsonl",
+            *short,
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     cfg = load_config(MixConfig, CONFIGS / f"{recipe}.yaml", short)
@@ -96,8 +121,16 @@ def test_mlflow_run_records_ratios(curated: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    main(["--config", str(CONFIGS / "mix_toy_janusflow_pretrain.yaml"), f"curated_dir={curated}",
-          f"out_dir={tmp_path / 'stages'}", f"tracking.uri={uri}", "tracking.experiment=mixtest"])
+    main(
+        [
+            "--config",
+            str(CONFIGS / "mix_toy_janusflow_pretrain.yaml"),
+            f"curated_dir={curated}",
+            f"out_dir={tmp_path / 'stages'}",
+            f"tracking.uri={uri}",
+            "tracking.experiment=mixtest",
+        ]
+    )
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("mixtest")
     (run,) = client.search_runs([exp.experiment_id])
@@ -122,8 +155,18 @@ def test_recipe_keys_are_strict(tmp_path: Path) -> None:
 @pytest.mark.ray
 def test_job_precomputes_latents(ray_local: None, curated: Path, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "stages"
-    main(["--config", str(CONFIGS / "mix_toy_janusflow_pretrain.yaml"), f"curated_dir={curated}", f"out_dir={out}",
-          "tracking.backend=none", "stages.pretrain.steps=4", "precompute.kind=vae", "precompute.resolution=32"])
+    main(
+        [
+            "--config",
+            str(CONFIGS / "mix_toy_janusflow_pretrain.yaml"),
+            f"curated_dir={curated}",
+            f"out_dir={out}",
+            "tracking.backend=none",
+            "stages.pretrain.steps=4",
+            "precompute.kind=vae",
+            "precompute.resolution=32",
+        ]
+    )
     stage = out / "toy_janusflow_pretrain" / "pretrain"
     manifest = json.loads((stage / "manifest.json").read_text())
     n_gen = manifest["groups"]["generation"]["count"]
@@ -141,8 +184,17 @@ def test_parallel_writers_and_locations_do_not_change_bytes(ray_local: None, cur
     recipe = str(CONFIGS / "mix_toy_janusflow.yaml")
     short = ["stages.stage1.steps=30", "stages.stage2.steps=60", "stages.stage3.steps=40"]  # 960/1920/1280 samples
     main(["--config", recipe, f"curated_dir={curated}", f"out_dir={tmp_path / 'a'}", "tracking.backend=none", *short])
-    main(["--config", recipe, f"curated_dir={curated}", f"out_dir={tmp_path / 'b'}", "tracking.backend=none",
-          "write_workers=2", *short])
+    main(
+        [
+            "--config",
+            recipe,
+            f"curated_dir={curated}",
+            f"out_dir={tmp_path / 'b'}",
+            "tracking.backend=none",
+            "write_workers=2",
+            *short,
+        ]
+    )
     a, b = tmp_path / "a" / "toy_janusflow", tmp_path / "b" / "toy_janusflow"
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix in (".tar", ".json"))
     assert len(files) == 3 + 5 + 10 + 7  # three manifests and every shard

@@ -20,8 +20,9 @@ def test_previews_write_grid_and_answers(questions: list[str], tmp_path: Path) -
     torch.manual_seed(0)
     flavor = get_flavor("debug")
     model = build_model(flavor, "janus_pro").eval()
-    cfg = PreviewConfig(prompts=["a handwritten digit 3", "a red circle in the center"], questions=questions,
-                        max_new_tokens=2)
+    cfg = PreviewConfig(
+        prompts=["a handwritten digit 3", "a red circle in the center"], questions=questions, max_new_tokens=2
+    )
     with torch.no_grad():
         paths = run_previews(model, flavor, "janus_pro", None, build_debug_tokenizer(), cfg, tmp_path, step=7)
     assert paths["grid"].name == "preview_step0000007.png"
