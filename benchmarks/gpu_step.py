@@ -39,6 +39,7 @@ import torch
 
 from data_prep.schema import Sample, SampleMeta, Turn
 from model.build import ModelConfig, build_collate, build_model, build_task
+from model.family import get_family
 from model.flavors import get_flavor
 from model.flops import flops_per_batch, peak_flops
 from model.freeze import apply_freeze
@@ -86,8 +87,8 @@ def synthetic_samples(flavor_name: str, family: str, n: int, max_len: int, seed:
         elif kind == "text":
             samples.append(Sample(key, SampleMeta("bench", key, "text"), text=_chars(rng, 100, 1500, scale)))
         else:
-            vq = latent = None
-            if family == "janus_pro":
+            vq = latent = None  # the mixer's precomputed targets: VQ ids or VAE latents
+            if get_family(family).tokenizer.name == "vq":
                 vq = rng.integers(0, flavor.vq.codebook_size, n_img).astype(np.int32)
             else:
                 f = flavor.flow

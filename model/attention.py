@@ -232,6 +232,11 @@ class PackedTask(nn.Module):
         self.attention = attention
         apply_packed_attention(llm)
 
+    @property
+    def vae(self) -> nn.Module | None:
+        """The frozen decoder the family's sampler needs beside the weights (JanusFlow's VAE), or None."""
+        return None
+
     def run_llm(
         self, llm: nn.Module, embeds: torch.Tensor, batch: dict, capture: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

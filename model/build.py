@@ -23,18 +23,10 @@ from torch import nn
 from data_prep.schema import Sample
 from model.attention import KERNELS
 from model.collate import collate
+from model.family import family_of, get_family
 from model.flavors import FAMILIES, FlavorConfig, get_flavor
-from model.janus_pro import (
-    JanusProTask,
-    JanusProTaskConfig,
-    apply_vq,
-    build_janus_pro,
-    holds_vq,
-    load_janus_pro,
-    load_vq,
-)
-from model.janusflow import JanusFlowModel, build_janusflow
-from model.janusflow_task import JanusFlowTask, JanusFlowTaskConfig, build_vae, load_vae
+from model.janus_pro import JanusProTaskConfig
+from model.janusflow_task import JanusFlowTaskConfig
 from model.tokenizer import load_tokenizer, special_ids
 
 
@@ -94,43 +86,19 @@ def build_model(
 
     Random init from the flavor, or loaded from a local ``path``. ``device="meta"`` allocates nothing.
     """
-    family = flavor.family(family)
-    if family == "janus_pro":
-        return load_janus_pro(path) if path else build_janus_pro(flavor, device)
-    if path:
-        from model.export import load_janusflow
-
-        return load_janusflow(path, flavor)
-    return build_janusflow(flavor, device)
-
-
-def family_of(model: nn.Module) -> str:
-    return "janusflow" if isinstance(model, JanusFlowModel) else "janus_pro"
+    spec = get_family(flavor.family(family))
+    return spec.load(path, flavor) if path else spec.build(flavor, device)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The LLM's transformer blocks, in order (FSDP shards each, then the root)."""
-    if isinstance(model, JanusFlowModel):
-        return list(model.language_model.model.layers)
-    return list(model.model.language_model.layers)
+    return list(family_of(model).llm(model).layers)
 
 
 def build_task(model: nn.Module, flavor: FlavorConfig, cfg: ModelConfig | None = None, vae=None) -> nn.Module:
-    """The loss wrapper: ``loss, metrics = task(batch)``. JanusFlow also gets the frozen VAE.
-
-    Janus-Pro with ``cfg.vq_path``: the fitted VQ replaces the model's (and seeds the generation embeddings)
-    unless the model already holds it, so a stage started from an earlier stage keeps its trained embeddings.
-    """
-    cfg = cfg or ModelConfig(flavor=flavor.name)
-    if family_of(model) == "janus_pro":
-        if cfg.vq_path:
-            vq = load_vq(cfg.vq_path)
-            if not holds_vq(model, vq):
-                apply_vq(model, vq)
-        return JanusProTask(model, cfg.janus_pro, attention=cfg.attention)
-    if vae is None:
-        vae = load_vae(cfg.vae_path) if cfg.vae_path else build_vae(flavor)
-    return JanusFlowTask(model, vae, cfg.janusflow, attention=cfg.attention)
+    """The loss wrapper: ``loss, metrics = task(batch)`` (JanusFlow's holds its frozen VAE: ``vae``, else
+    ``cfg.vae_path``, else the flavor's random one; Janus-Pro's puts the fitted ``cfg.vq_path`` in)."""
+    return family_of(model).make_task(model, flavor, cfg or ModelConfig(flavor=flavor.name), vae)
 
 
 def _collate_with_rng(samples: Sequence[Sample], *, seed: int | None, **kwargs) -> dict[str, torch.Tensor]:
@@ -152,8 +120,8 @@ def build_collate(
 ) -> Callable[[Sequence[Sample]], dict[str, torch.Tensor]]:
     """A picklable ``samples -> batch`` function with everything bound (tokenizer built if not given)."""
     family = flavor.family(cfg.family)
+    spec = get_family(family)
     tokenizer = tokenizer or load_tokenizer(flavor, cfg.path)
-    gen_size = flavor.vq.image_size if family == "janus_pro" else flavor.flow.image_size
     return functools.partial(
         _collate_with_rng,
         seed=seed,
@@ -161,9 +129,9 @@ def build_collate(
         special=special_ids(tokenizer),
         num_image_tokens=flavor.num_image_tokens(family),
         und_image_size=flavor.vision.image_size,
-        gen_image_size=gen_size,
+        gen_image_size=spec.gen_image_size(flavor),
         cfg_drop_prob=cfg.cfg_drop_prob if train else 0.0,
-        mask_dropped=family == "janusflow",
+        mask_dropped=spec.masks_dropped_prompts,
         max_len=cfg.max_len,
         pack=cfg.pack,
     )

@@ -255,3 +255,9 @@ def load_janusflow(path: str | Path, flavor: FlavorConfig | None = None) -> Janu
     if missing or unexpected:
         raise KeyError(f"{path}: missing {missing[:5]}..., unexpected {unexpected[:5]}...")
     return model
+
+
+def load_janusflow_export(path: str | Path) -> tuple[JanusFlowModel, FlavorConfig]:
+    """An export directory -> the model and the flavor stored beside its weights."""
+    flavor = flavor_from_dict(json.loads((Path(path) / FLAVOR_FILE).read_text()))
+    return load_janusflow(path, flavor), flavor

@@ -182,25 +182,23 @@ class FlavorConfig:
         bad = [f for f in self.families if f not in FAMILIES]
         if not self.families or bad:
             raise ValueError(f"FlavorConfig.families {self.families!r}: each must be one of {FAMILIES}")
-        if "janus_pro" in self.families and self.vision.grid != self.vq.grid:
-            # transformers' Janus uses one num_image_tokens for understanding and generation
-            raise ValueError(f"FlavorConfig {self.name}: vision grid {self.vision.grid} != vq grid {self.vq.grid}")
-        if "janusflow" in self.families and self.vision.grid != self.flow.grid:
-            raise ValueError(
-                f"FlavorConfig {self.name}: REPA needs vision grid {self.vision.grid} == flow grid {self.flow.grid}"
-            )
 
     def family(self, family: str | None = None) -> str:
-        """Resolve ``family`` (None -> the default) and check this flavor builds it."""
+        """Resolve ``family`` (None -> the default) and check this flavor builds it (its dimensions too, by
+        the family's own rule: checked here, not at construction, since the families import the flavors)."""
         family = family or self.families[0]
         if family not in self.families:
             raise ValueError(f"flavor {self.name!r} builds {self.families}, not {family!r}")
+        from model.family import get_family
+
+        get_family(family).check_flavor(self)
         return family
 
     def num_image_tokens(self, family: str | None = None) -> int:
         """Image tokens per generation image (== per understanding image)."""
-        grid = self.vq.grid if self.family(family) == "janus_pro" else self.flow.grid
-        return grid * grid
+        from model.family import get_family
+
+        return get_family(self.family(family)).gen_grid(self) ** 2
 
 
 DEBUG_VOCAB = 272

@@ -51,33 +51,40 @@ def _measure(fn) -> float:
 @functools.lru_cache(maxsize=16)
 def _encoder_forward_flops(flavor_json: str, family: str) -> dict[str, float]:
     from model.export import flavor_from_dict
+    from model.family import get_family
 
     flavor = flavor_from_dict(json.loads(flavor_json))
-    from model.build import build_model
+    spec = get_family(family)
+    model = spec.build(flavor, "meta")
+    _eager_attention(model)
+    with torch.device("meta"):
+        return spec.encoder_flops(model, flavor)
+
+
+def janus_pro_encoder_flops(model: torch.nn.Module, flavor: FlavorConfig) -> dict[str, float]:
+    und = torch.zeros(1, 3, flavor.vision.image_size, flavor.vision.image_size)
+    gen = torch.zeros(1, 3, flavor.vq.image_size, flavor.vq.image_size)
+    return {
+        "siglip": _measure(lambda: model.model.vision_model(pixel_values=und)),
+        "vq_encode": _measure(lambda: model.model.vqmodel.encode(gen)),
+    }
+
+
+def janusflow_encoder_flops(model: torch.nn.Module, flavor: FlavorConfig) -> dict[str, float]:
     from model.janusflow_task import build_vae
 
-    model = build_model(flavor, family, device="meta")
-    _eager_attention(model)
-    v = flavor.vision
-    with torch.device("meta"):
-        und = torch.zeros(1, 3, v.image_size, v.image_size)
-        if family == "janus_pro":
-            gen = torch.zeros(1, 3, flavor.vq.image_size, flavor.vq.image_size)
-            return {
-                "siglip": _measure(lambda: model.model.vision_model(pixel_values=und)),
-                "vq_encode": _measure(lambda: model.model.vqmodel.encode(gen)),
-            }
-        f, vae = flavor.flow, build_vae(flavor, device="meta")
-        vae.set_attn_processor(AttnProcessor())
-        gen = torch.zeros(1, 3, f.image_size, f.image_size)
-        z = torch.zeros(1, f.latent_channels, f.latent_size, f.latent_size)
-        tokens, t_emb, skip = model.encode_latents(z, torch.zeros(1))
-        return {
-            "siglip": _measure(lambda: model.vision_und_enc_model(pixel_values=und)),
-            "vae_encode": _measure(lambda: vae.encode(gen)),
-            "gen_encoder": _measure(lambda: model.encode_latents(z, torch.zeros(1))),
-            "gen_decoder": _measure(lambda: model.decode_velocity(tokens, skip, t_emb)),
-        }
+    f, vae = flavor.flow, build_vae(flavor, device="meta")
+    vae.set_attn_processor(AttnProcessor())
+    und = torch.zeros(1, 3, flavor.vision.image_size, flavor.vision.image_size)
+    gen = torch.zeros(1, 3, f.image_size, f.image_size)
+    z = torch.zeros(1, f.latent_channels, f.latent_size, f.latent_size)
+    tokens, t_emb, skip = model.encode_latents(z, torch.zeros(1))
+    return {
+        "siglip": _measure(lambda: model.vision_und_enc_model(pixel_values=und)),
+        "vae_encode": _measure(lambda: vae.encode(gen)),
+        "gen_encoder": _measure(lambda: model.encode_latents(z, torch.zeros(1))),
+        "gen_decoder": _measure(lambda: model.decode_velocity(tokens, skip, t_emb)),
+    }
 
 
 def encoder_forward_flops(flavor: FlavorConfig, family: str | None = None) -> dict[str, float]:
@@ -90,21 +97,33 @@ def llm_block_params(flavor: FlavorConfig) -> int:
     return llm.num_layers * (4 * llm.hidden_size**2 + 3 * llm.hidden_size * llm.intermediate_size)
 
 
-def _per_image_flops(flavor: FlavorConfig, family: str, stage: int, precomputed: bool) -> tuple[float, float]:
-    """(per understanding image, per generation image) FLOPs outside the LLM blocks."""
-    enc = encoder_forward_flops(flavor, family)
-    d, vd, n = flavor.llm.hidden_size, flavor.vision.hidden_size, flavor.num_image_tokens(family)
-    siglip = enc["siglip"] * (3 if stage >= 3 else 1)
-    if family == "janus_pro":
-        und = siglip + 6 * n * (vd * d + d * d)
-        per_token = 6 * (flavor.vq.embed_dim * d + d * d) + 6 * (d * d + d * flavor.vq.codebook_size)
-        gen = n * per_token + (0 if precomputed else enc["vq_encode"])
-        return und, gen
-    h = flavor.flow.repa_hidden_size
-    und = siglip + 6 * n * vd * d
+def _siglip(enc: dict[str, float], stage: int) -> float:
+    return enc["siglip"] * (3 if stage >= 3 else 1)  # trained from stage III, forward only before
+
+
+def janus_pro_image_flops(flavor: FlavorConfig, enc: dict[str, float], stage: int, precomputed: bool):
+    """(per understanding image, per generation image): aligners, the image head over every token, the VQ."""
+    d, vd, n = flavor.llm.hidden_size, flavor.vision.hidden_size, flavor.vq.grid**2
+    und = _siglip(enc, stage) + 6 * n * (vd * d + d * d)
+    per_token = 6 * (flavor.vq.embed_dim * d + d * d) + 6 * (d * d + d * flavor.vq.codebook_size)
+    return und, n * per_token + (0 if precomputed else enc["vq_encode"])
+
+
+def janusflow_image_flops(flavor: FlavorConfig, enc: dict[str, float], stage: int, precomputed: bool):
+    """(per understanding image, per generation image): the aligner, the trained encoder/decoder and REPA head,
+    SigLIP's forward for the REPA target, the VAE."""
+    d, vd, n, h = flavor.llm.hidden_size, flavor.vision.hidden_size, flavor.flow.grid**2, flavor.flow.repa_hidden_size
+    und = _siglip(enc, stage) + 6 * n * vd * d
     gen = 3 * (enc["gen_encoder"] + enc["gen_decoder"]) + 6 * n * (d * h + h * h + h * vd)
     gen += enc["siglip"] + (0 if precomputed else enc["vae_encode"])  # REPA target: forward only
     return und, gen
+
+
+def _per_image_flops(flavor: FlavorConfig, family: str, stage: int, precomputed: bool) -> tuple[float, float]:
+    """(per understanding image, per generation image) FLOPs outside the LLM blocks."""
+    from model.family import get_family
+
+    return get_family(family).image_flops(flavor, encoder_forward_flops(flavor, family), stage, precomputed)
 
 
 def flops_per_sample(
@@ -136,7 +155,9 @@ def flops_per_batch(flavor: FlavorConfig, family: str | None, batch: dict, *, st
     attn = 12 * llm.num_layers * llm.hidden_size * float((lengths.double() ** 2).sum())
     text = 6 * llm.hidden_size * llm.vocab_size * int((batch["labels"][:, 1:] != -100).sum())
     n = flavor.num_image_tokens(family)
-    precomputed = ("gen_ids" if family == "janus_pro" else "gen_latents") in batch
+    from model.family import get_family
+
+    precomputed = get_family(family).precomputed_key in batch
     und, gen = _per_image_flops(flavor, family, stage, precomputed)
     n_und = int((batch["kinds"] == UND_SLOT).sum()) // n
     n_gen = int((batch["kinds"] == GEN_SLOT).sum()) // n

@@ -20,7 +20,8 @@ from PIL import Image
 from torch import nn
 
 from model.build import build_model
-from model.flavors import FlavorConfig, get_flavor
+from model.family import get_family
+from model.flavors import FAMILIES, FlavorConfig, get_flavor
 from model.tokenizer import SpecialIds, load_tokenizer, special_ids
 
 DONE_FILE = "stage_done.json"
@@ -60,25 +61,13 @@ def _load_weights(checkpoint: Path) -> tuple[nn.Module, FlavorConfig, str, str |
         model = build_model(flavor, family)
         model.load_state_dict(load_file(str(checkpoint / WEIGHTS_FILE)), strict=True)
         return model, flavor, family, None
-    from model.export import FLAVOR_FILE, flavor_from_dict
-
     tok_path = str(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
-    if (checkpoint / FLAVOR_FILE).is_file():
-        flavor = flavor_from_dict(json.loads((checkpoint / FLAVOR_FILE).read_text()))
-        return build_model(flavor, "janusflow", path=checkpoint), flavor, "janusflow", tok_path
-    if (checkpoint / "config.json").is_file():
-        model = build_model(get_flavor("janus_pro_1b"), "janus_pro", path=checkpoint)
-        return model, _janus_pro_flavor(model), "janus_pro", tok_path
+    for name in FAMILIES:
+        spec = get_family(name)
+        if spec.is_export(checkpoint):
+            model, flavor = spec.load_export(checkpoint)
+            return model, flavor, name, tok_path
     raise FileNotFoundError(f"{checkpoint}: neither {DONE_FILE} (a stage's final/) nor an export")
-
-
-def _janus_pro_flavor(model: nn.Module) -> FlavorConfig:
-    """The sizes the samplers need, read off a loaded Janus-Pro export (flavor debug when it matches)."""
-    debug = get_flavor("debug")
-    vision = model.config.vision_config
-    if vision.image_size == debug.vision.image_size and model.config.text_config.vocab_size == debug.llm.vocab_size:
-        return debug
-    return get_flavor("janus_pro_1b")
 
 
 def load_for_inference(checkpoint: str | Path, vae_path: str | None = None) -> LoadedModel:
@@ -87,7 +76,7 @@ def load_for_inference(checkpoint: str | Path, vae_path: str | None = None) -> L
     model, flavor, family, tok_path = _load_weights(checkpoint)
     tokenizer = load_tokenizer(flavor, tok_path)
     vae = None
-    if family == "janusflow":
+    if get_family(family).needs_vae:
         from model.janusflow_task import build_vae, load_vae
 
         found = _find_vae(checkpoint, vae_path)
@@ -108,25 +97,19 @@ def generate_images(
     """Sample one image per prompt, batched; seeded. ``cfg_weight`` None = the family's paper weight
     (Janus-Pro 5, JanusFlow 2); ``temperature`` scales Janus-Pro's image-token sampling (the paper's is 1;
     JanusFlow's ODE sampler has none: any other value is an error)."""
-    from model.sampling import generate_images_janus_pro, generate_images_janusflow
-
+    spec = get_family(lm.family)
     if cfg_weight is not None and cfg_weight < 1.0:
         raise ValueError(f"cfg_weight must be >= 1 (1 = no guidance), got {cfg_weight}")
-    if temperature <= 0 or (lm.family == "janusflow" and temperature != 1.0):
-        raise ValueError(f"temperature {temperature}: must be > 0, and 1 for JanusFlow (its sampler has none)")
-    guidance = {} if cfg_weight is None else {"cfg_weight": float(cfg_weight)}
+    if temperature <= 0 or (not spec.samples_with_temperature and temperature != 1.0):
+        raise ValueError(f"temperature {temperature}: must be > 0, and 1 for {lm.family} (its sampler has none)")
+    weight = None if cfg_weight is None else float(cfg_weight)
     gen = torch.Generator().manual_seed(seed)
     out: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        if lm.family == "janus_pro":
-            _, pix = generate_images_janus_pro(
-                lm.model, lm.tokenizer, lm.special, chunk, generator=gen, temperature=temperature, **guidance
-            )
-        else:
-            _, pix = generate_images_janusflow(
-                lm.model, lm.vae, lm.tokenizer, lm.special, chunk, generator=gen, **guidance
-            )
+        pix = spec.sample(
+            lm.model, lm.vae, lm.tokenizer, lm.special, chunk, generator=gen, cfg_weight=weight, temperature=temperature
+        )
         out += [to_pil(p) for p in pix]
     return out
 

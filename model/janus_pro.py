@@ -217,3 +217,40 @@ class JanusProTask(PackedTask):
             tasks = torch.cat([batch["text_task"], batch["gen_task"].repeat_interleave(n_img)])
             metrics.update(per_task_sums(torch.cat([text_ce, img_ce]), tasks, "loss"))
         return loss, metrics
+
+
+def check_flavor(flavor: FlavorConfig) -> None:
+    """transformers' Janus uses one ``num_image_tokens`` for understanding and generation."""
+    if flavor.vision.grid != flavor.vq.grid:
+        raise ValueError(f"FlavorConfig {flavor.name}: vision grid {flavor.vision.grid} != vq grid {flavor.vq.grid}")
+
+
+def make_task(model: JanusForConditionalGeneration, flavor: FlavorConfig, cfg, vae=None) -> JanusProTask:
+    """The Janus-Pro loss wrapper. With ``cfg.vq_path`` the fitted VQ replaces the model's (and seeds the
+    generation embeddings) unless the model already holds it, so a stage started from an earlier stage keeps
+    its trained embeddings."""
+    if cfg.vq_path:
+        vq = load_vq(cfg.vq_path)
+        if not holds_vq(model, vq):
+            apply_vq(model, vq)
+    return JanusProTask(model, cfg.janus_pro, attention=cfg.attention)
+
+
+def is_export(path: Path) -> bool:
+    """A transformers directory of a Janus model."""
+    import json
+
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "janus"
+
+
+def load_export(path: Path) -> tuple[JanusForConditionalGeneration, FlavorConfig]:
+    """A Janus-Pro export -> the model and the flavor the samplers need (debug when its sizes match)."""
+    from model.flavors import get_flavor
+
+    model = load_janus_pro(path)
+    debug = get_flavor("debug")
+    vision, text = model.config.vision_config, model.config.text_config
+    if vision.image_size == debug.vision.image_size and text.vocab_size == debug.llm.vocab_size:
+        return model, debug
+    return model, get_flavor("janus_pro_1b" if text.hidden_size == 2048 else "janus_pro_7b")

@@ -185,3 +185,11 @@ def build_janusflow(flavor: FlavorConfig, device: str | torch.device | None = No
     """Random-init JanusFlow; ``device="meta"`` for parameter counts of the real size."""
     with torch.device(device or "cpu"):
         return JanusFlowModel(flavor)
+
+
+def check_flavor(flavor: FlavorConfig) -> None:
+    """REPA compares the LLM's generation slots with SigLIP's patches on the same grid."""
+    if flavor.vision.grid != flavor.flow.grid:
+        raise ValueError(
+            f"FlavorConfig {flavor.name}: REPA needs vision grid {flavor.vision.grid} == flow grid {flavor.flow.grid}"
+        )

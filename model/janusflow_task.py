@@ -110,13 +110,17 @@ class JanusFlowTask(PackedTask):
     ):
         super().__init__(model.language_model, attention)
         self.model = model
-        self.vae = [vae]  # a list hides it from .parameters()/.state_dict()/FSDP: it is frozen and not ours
+        self._vae = [vae]  # a list hides it from .parameters()/.state_dict()/FSDP: it is frozen and not ours
         self.cfg = cfg or JanusFlowTaskConfig()
+
+    @property
+    def vae(self) -> AutoencoderKL | None:
+        return self._vae[0]
 
     def _apply(self, fn, recurse=True):
         # task.to(device/dtype) moves the hidden VAE too
-        if self.vae[0] is not None:
-            self.vae[0]._apply(fn, recurse)
+        if self._vae[0] is not None:
+            self._vae[0]._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
     def latents(self, batch: dict) -> torch.Tensor | None:
@@ -128,9 +132,9 @@ class JanusFlowTask(PackedTask):
             if batch["gen_task"].numel():
                 raise ValueError("batch has generation samples but neither gen_latents nor gen_pixel_values")
             return None
-        if self.vae[0] is None:
+        if self.vae is None:
             raise ValueError("JanusFlowTask needs a VAE to encode gen_pixel_values")
-        return vae_encode(self.vae[0], pix).float()
+        return vae_encode(self.vae, pix).float()
 
     def embed(self, batch: dict, x1: torch.Tensor | None):
         """Input embeddings and, for generation, the flow state (z0, decoder skip, t_emb)."""
@@ -232,3 +236,11 @@ def ema_state_dict(ema: EMAState, model: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(model.state_dict())
     state.update({n: t for n, t in ema.shadow.items() if n in state})
     return state
+
+
+def make_task(model: JanusFlowModel, flavor: FlavorConfig, cfg, vae: AutoencoderKL | None = None) -> JanusFlowTask:
+    """The JanusFlow loss wrapper with its frozen VAE: ``vae``, else ``cfg.vae_path``, else the flavor's
+    random one."""
+    if vae is None:
+        vae = load_vae(cfg.vae_path) if cfg.vae_path else build_vae(flavor)
+    return JanusFlowTask(model, vae, cfg.janusflow, attention=cfg.attention)

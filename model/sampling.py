@@ -14,7 +14,6 @@ from torch import nn
 from transformers import DynamicCache
 
 from model.collate import preprocess_understanding
-from model.janus_pro import janus_pro_embeddings
 from model.janusflow import JanusFlowModel
 from model.prompts import UND_BOI, UND_SLOT, prompt_ids, understanding_prompt
 from model.tokenizer import SpecialIds
@@ -25,11 +24,15 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _llm(model: nn.Module) -> nn.Module:
-    return model.language_model.model if isinstance(model, JanusFlowModel) else model.model.language_model
+    from model.family import family_of
+
+    return family_of(model).llm(model)
 
 
 def _lm_head(model: nn.Module) -> nn.Module:
-    return model.language_model.lm_head if isinstance(model, JanusFlowModel) else model.lm_head
+    from model.family import family_of
+
+    return family_of(model).lm_head(model)
 
 
 def left_pad(rows: list[list[int]], pad: int, masks: list[list[int]] | None = None):
@@ -205,8 +208,13 @@ def _llm_embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _understanding_embeds(model: nn.Module, batch: dict) -> torch.Tensor:
-    if not isinstance(model, JanusFlowModel):
-        return janus_pro_embeddings(model, batch, None)
+    from model.family import family_of
+
+    return family_of(model).understanding_embeds(model, batch)
+
+
+def janusflow_understanding_embeds(model: JanusFlowModel, batch: dict) -> torch.Tensor:
+    """JanusFlow's prompt embeddings with aligned SigLIP features in the understanding slots (inference)."""
     embeds = _llm_embed(model, batch["input_ids"])
     pix = batch["und_pixel_values"]
     if pix.shape[0]:
@@ -215,3 +223,50 @@ def _understanding_embeds(model: nn.Module, batch: dict) -> torch.Tensor:
         boi = model.beg_of_und_embed.expand(pix.shape[0], -1)
         embeds = embeds.masked_scatter((batch["kinds"] == UND_BOI)[..., None], boi)
     return embeds
+
+
+def _on_device(generator: torch.Generator | None, model: nn.Module) -> torch.Generator | None:
+    """Token sampling draws on the model's device: a CPU generator becomes one there with the same seed
+    (on the CPU it is used as it is, so CPU results do not change)."""
+    device = _device(model)
+    if generator is None or generator.device.type == device.type:
+        return generator
+    return torch.Generator(device=device).manual_seed(generator.initial_seed())
+
+
+def sample_janus_pro(
+    model: nn.Module,
+    vae,
+    tokenizer,
+    special: SpecialIds,
+    prompts: list[str],
+    *,
+    generator: torch.Generator | None = None,
+    cfg_weight: float | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [-1, 1] (the family spec's sampler: no VAE, tokens drawn at ``temperature``)."""
+    weight = {} if cfg_weight is None else {"cfg_weight": cfg_weight}
+    gen = _on_device(generator, model)
+    _, pixels = generate_images_janus_pro(
+        model, tokenizer, special, prompts, generator=gen, temperature=temperature, **weight
+    )
+    return pixels
+
+
+def sample_janusflow(
+    model: JanusFlowModel,
+    vae,
+    tokenizer,
+    special: SpecialIds,
+    prompts: list[str],
+    *,
+    generator: torch.Generator | None = None,
+    cfg_weight: float | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [-1, 1] through ``vae`` (the family spec's sampler: an ODE, no temperature)."""
+    if temperature != 1.0:
+        raise ValueError(f"temperature {temperature}: JanusFlow's ODE sampler has none (use 1)")
+    weight = {} if cfg_weight is None else {"cfg_weight": cfg_weight}
+    return generate_images_janusflow(model, vae, tokenizer, special, prompts, generator=generator, **weight)[1]

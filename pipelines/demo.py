@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.toyworld import ToyWorldConfig, build_toyworld
+from model.family import get_family
 from pipelines.config import load_config, parse_job_args, save_resolved, to_flat_dict
 from pipelines.tracking import TrackingConfig, build_tracker, pipeline_run, resolve_uri
 
@@ -106,11 +107,8 @@ def eval_dir(cfg: DemoConfig, family: str) -> Path:
 
 def family_train_args(cfg: DemoConfig, family: str) -> list[str]:
     """The training job's overrides: the demo's, after the fitted tokenizer of the family."""
-    fitted = (
-        f"model.vq_path={tokenizer_dir(cfg) / 'vq'}"
-        if family == "janus_pro"
-        else (f"model.vae_path={tokenizer_dir(cfg) / 'vae'}")
-    )
+    tokenizer = get_family(family).tokenizer
+    fitted = f"model.{tokenizer.config_key}={tokenizer_dir(cfg) / tokenizer.name}"
     return [*_tracking_overrides(cfg), fitted, *cfg.train_overrides]
 
 
@@ -135,12 +133,12 @@ def demo_steps(cfg: DemoConfig) -> list[tuple[str, Callable[[], object]]]:
             tracker.log_params(to_flat_dict(cfg.toyworld))
             tracker.log_artifact(world / "toyworld.json")
 
+    needed = {get_family(f).tokenizer.name for f in cfg.families}
     fit_args = [
         *track,
         f"out_dir={tokenizer_dir(cfg)}",
         f"toyworld_dir={cfg.toyworld.out_dir}",
-        f"vq.enabled={'janus_pro' in cfg.families}",
-        f"vae.enabled={'janusflow' in cfg.families}",
+        *(f"{kind}.enabled={kind in needed}" for kind in ("vq", "vae")),  # only the trained families' tokenizers
         *cfg.fit_overrides,
     ]
     steps: list[tuple[str, Callable[[], object]]] = [
@@ -156,7 +154,7 @@ def demo_steps(cfg: DemoConfig) -> list[tuple[str, Callable[[], object]]]:
             f"toyworld_dir={cfg.toyworld.out_dir}",
             f"out_dir={eval_dir(cfg, family)}",
             f"family={family}",
-            *([f"vae_path={tokenizer_dir(cfg) / 'vae'}"] if family == "janusflow" else []),
+            *([f"vae_path={tokenizer_dir(cfg) / 'vae'}"] if get_family(family).needs_vae else []),
             *cfg.eval_overrides,
         ]
         train_args = family_train_args(cfg, family)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from data_prep.toy_render import COLORS, SHAPES
+from model.family import get_family
 from model.flavors import FAMILIES
 from model.inference import LoadedModel, answer, generate_images, image_grid, load_for_inference
 from pipelines.config import parse_job_args, save_resolved, to_flat_dict
@@ -142,10 +143,10 @@ def evaluate_understanding(cfg: EvalConfig, lm: LoadedModel) -> tuple[dict[str, 
 
 
 def _sampling(cfg: EvalConfig, lm: LoadedModel) -> dict[str, float | None]:
-    """The family's guidance weight and (Janus-Pro only) sampling temperature."""
+    """The family's guidance weight and sampling temperature (where its sampler has one)."""
     return {
         "cfg_weight": cfg.cfg_weight.get(lm.family),
-        "temperature": cfg.temperature if lm.family == "janus_pro" else 1.0,
+        "temperature": cfg.temperature if get_family(lm.family).samples_with_temperature else 1.0,
     }
 
 

@@ -70,16 +70,13 @@ def run_previews(
     step: int,
 ) -> dict[str, Any]:
     """Generate the fixed prompts' images and answer the fixed questions about them; write PNG + JSON."""
-    from model.sampling import answer_questions, generate_images_janus_pro, generate_images_janusflow
+    from model.family import get_family
+    from model.sampling import answer_questions
     from model.tokenizer import special_ids
 
     special = special_ids(tokenizer)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    if family == "janus_pro":
-        dev_gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
-        _, pixels = generate_images_janus_pro(model, tokenizer, special, cfg.prompts, generator=dev_gen)
-    else:
-        _, pixels = generate_images_janusflow(model, vae, tokenizer, special, cfg.prompts, generator=gen)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # a sampler drawing on a GPU reseeds one there
+    pixels = get_family(family).sample(model, vae, tokenizer, special, cfg.prompts, generator=gen)
     images = _to_pil(pixels)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = out_dir / f"preview_step{step:07d}.png"
@@ -117,12 +114,10 @@ def run_previews(
 
 
 def export_stage_model(model: Any, family: str, tokenizer: Any, out_dir: Path, ema: dict | None = None) -> Path:
-    """The stage's model in its family's release format (JanusFlow: the EMA weights, as released)."""
-    from model.export import export_janus_pro, export_janusflow
+    """The stage's model in its family's release format (with ``ema``: those weights, as released)."""
+    from model.family import get_family
 
-    if family == "janus_pro":
-        return export_janus_pro(model, tokenizer, out_dir)
-    return export_janusflow(model, out_dir, tokenizer, state=ema)
+    return get_family(family).export(model, tokenizer, out_dir, ema)
 
 
 def log_previews(tracker: Tracker, paths: dict[str, Path]) -> None:

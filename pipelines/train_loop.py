@@ -27,6 +27,7 @@ from torch import nn
 
 from data_prep.schema import Sample, decode_sample
 from model.build import build_collate, build_model, build_task, resolve_family
+from model.family import get_family
 from model.flavors import get_flavor
 from model.flops import flops_per_batch, peak_flops
 from model.freeze import apply_freeze
@@ -122,7 +123,7 @@ def build_stage_model(cfg: TrainConfig, stage: str, init_weights: str | None, de
     counts = apply_freeze(model, family, stage_index(stage))
     torch.manual_seed(cfg.seed + 7919 * stage_index(stage))  # the VAE (JanusFlow debug) is seeded apart
     task = build_task(model, flavor, cfg.model)
-    vae = getattr(task, "vae", [None])[0]
+    vae = task.vae
     if vae is not None:
         vae.to(device).eval().requires_grad_(False)
         if device.type == "cuda" and compute_dtype(cfg.parallel, device.type) != vae.dtype:
@@ -201,7 +202,8 @@ class StageRunner:
         np.random.seed((cfg.seed + self.rank) % 2**32)
         self.collate = build_collate(self.flavor, cfg.model, seed=cfg.seed)
         self.out_dir = Path(stage_dir)
-        self.ema = build_ema(self.model, cfg.ema_decay) if self.family == "janusflow" and cfg.ema_decay else None
+        self.spec = get_family(self.family)
+        self.ema = build_ema(self.model, cfg.ema_decay) if self.spec.keeps_ema and cfg.ema_decay else None
         self.peak = peak_flops(device, cfg.mfu_peak_tflops)
         self.dataset: DatasetRef | None = None
         """The stage shards, as MLflow records the dataset (set by the Ray entry point)."""
@@ -257,7 +259,7 @@ class StageRunner:
             write_stage_weights(weights, self.out_dir / "final", info)
         model = unsharded_model(self.flavor, self.family, weights, self.device)
         tokenizer = load_tokenizer(self.flavor, self.cfg.model.path)
-        vae = getattr(self.task, "vae", [None])[0]
+        vae = self.task.vae
         paths = run_previews(
             model, self.flavor, self.family, vae, tokenizer, self.cfg.preview, self.out_dir / "previews", step
         )
@@ -275,8 +277,7 @@ class StageRunner:
 
         folder = self.out_dir / "mlflow_model"
         shutil.rmtree(folder, ignore_errors=True)
-        vae = self.cfg.model.vae_path if self.family == "janusflow" else None
-        save_mlflow_model(export, folder, vae)
+        save_mlflow_model(export, folder, self.spec.vae_for(self.cfg.model))
         record = self.out_dir / "inputs.json"
         tags = {
             STAGE_DIR_TAG: str(self.out_dir.resolve()),

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from model.export import export_janus_pro, export_janusflow
+from model.family import get_family
 from model.inference import load_for_inference
 from model.janusflow_task import load_vae
 from model.tokenizer import build_debug_tokenizer
@@ -65,7 +65,7 @@ def _pngs(folder: Path, n: int) -> None:
 @pytest.mark.parametrize("family", ["janus_pro", "janusflow"])
 def test_generate_from_stage_checkpoint(family: str, fitted: Path, tmp_path: Path, capsys) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", family)
-    vae = ["--vae", str(fitted / "tokenizers" / "vae")] if family == "janusflow" else []
+    vae = ["--vae", str(fitted / "tokenizers" / "vae")] if get_family(family).needs_vae else []
     out = tmp_path / "imgs"
     argv = ["--checkpoint", str(ckpt), "--prompt", "a handwritten digit 7", "--out", str(out), "--num", "2", *vae]
     assert generate_main(argv) == 0
@@ -77,7 +77,7 @@ def test_generate_from_stage_checkpoint(family: str, fitted: Path, tmp_path: Pat
         == 0
     )
     assert capsys.readouterr().out.count("\n") == 1  # one answer line (a random model may answer nothing)
-    if family == "janusflow":  # the fitted VAE, not a random one, decodes
+    if vae:  # the fitted VAE, not a random one, decodes
         lm = load_for_inference(ckpt, vae[1])
         assert lm.vae.config.scaling_factor == load_vae(vae[1]).config.scaling_factor != 1.0
 
@@ -95,13 +95,9 @@ def test_generate_same_seed_same_images(tmp_path: Path) -> None:
 def test_generate_from_export(family: str, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", family)
     lm = load_for_inference(ckpt)
-    export = tmp_path / "export"
-    if family == "janus_pro":
-        export_janus_pro(lm.model, build_debug_tokenizer(), export)
-    else:
-        export_janusflow(lm.model, export, tokenizer=build_debug_tokenizer())
+    export = get_family(family).export(lm.model, build_debug_tokenizer(), tmp_path / "export")
     again = load_for_inference(export)
-    assert again.family == family and again.flavor.name == "debug"
+    assert (again.family, again.flavor.name) == (family, "debug")
     assert (
         generate_main(
             ["--checkpoint", str(export), "--prompt", "a blue square", "--out", str(tmp_path / "o"), "--num", "1"]
