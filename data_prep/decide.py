@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from data_prep.dedup import CANDIDATE_SCHEMA, DECISION_SCHEMA, DedupConfig
 from data_prep.dedup_stages import dedup_decisions, grouped
 from data_prep.process import staging_path
+from data_prep.semdedup import SEMANTIC_SCHEMA, semantic_decisions, unit_semantic_candidates
 from data_prep.writer import REJECT_SCHEMA, TAR_END, TAR_RECORD, ShardConfig, atomic_write_json, keys_digest
 
 DECIDED_DIR = "_decided"
@@ -234,18 +235,22 @@ def _read_candidates(batch: dict[str, np.ndarray], work: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else CANDIDATE_SCHEMA.empty_table()
 
 
-def decisions_path(work: str, source: str, unit: int) -> Path:
-    return Path(work) / DECIDED_DIR / source / f"decisions-{unit:06d}.parquet"
+DECISION_KINDS = ("decisions", "semantic")
+"""Per unit, the drops of exact/near/key/text dedup and those of semantic dedup (which runs after them)."""
 
 
-def _write_unit_decisions(part: pa.Table, work: str, units: list[list]) -> pa.Table:
+def decisions_path(work: str, source: str, unit: int, kind: str = "decisions") -> Path:
+    return Path(work) / DECIDED_DIR / source / f"{kind}-{unit:06d}.parquet"
+
+
+def _write_unit_decisions(part: pa.Table, work: str, units: list[list], kind: str = "decisions") -> pa.Table:
     """Ray Data task: the decisions of a hash partition by unit number, one decisions file per unit."""
     part = part.sort_by([("gid", "ascending"), ("order", "ascending")])
     gid = part["gid"].to_numpy()
     cuts = [0, *(np.flatnonzero(np.diff(gid)) + 1).tolist(), len(gid)]
     for lo, hi in itertools.pairwise(cuts):
         source, unit = units[int(gid[lo])]
-        _atomic_parquet(decisions_path(work, source, unit), part.slice(lo, hi - lo).drop_columns(["gid"]))
+        _atomic_parquet(decisions_path(work, source, unit, kind), part.slice(lo, hi - lo).drop_columns(["gid"]))
     return pa.table({"units": [len(cuts) - 1]})
 
 
@@ -253,8 +258,9 @@ def _apply_units(batch: dict[str, np.ndarray], work: str) -> dict[str, list]:
     """Ray Data task: the kept and rejects files of a batch of units."""
     out = []
     for source, unit, gid in zip(batch["source"], batch["unit"], batch["gid"], strict=True):
-        path = decisions_path(work, str(source), int(unit))
-        decisions = pq.read_table(path) if path.exists() else DECISION_SCHEMA.empty_table()
+        paths = [decisions_path(work, str(source), int(unit), kind) for kind in DECISION_KINDS]
+        found = [pq.read_table(p).cast(DECISION_SCHEMA) for p in paths if p.exists()]
+        decisions = pa.concat_tables(found).sort_by("order") if found else DECISION_SCHEMA.empty_table()
         out.append(json.dumps({**apply_decisions(work, str(source), int(unit), decisions), "gid": int(gid)}))
     return {"summary": out}
 
@@ -268,8 +274,9 @@ def decide_units(
     import ray
 
     for source in {s for s, _ in units}:  # decisions of an earlier run must not leak into this one
-        for old in (Path(work) / DECIDED_DIR / source).glob("decisions-*.parquet"):
-            old.unlink()
+        for kind in DECISION_KINDS:
+            for old in (Path(work) / DECIDED_DIR / source).glob(f"{kind}-*.parquet"):
+                old.unlink()
     items = [{"source": s, "unit": u, "gid": g, "participates": joins[s]} for g, (s, u) in enumerate(units)]
     blocks = max(1, min(len(items), MAX_BLOCKS))
     cands = ray.data.from_items(items, override_num_blocks=blocks)
@@ -279,9 +286,39 @@ def decide_units(
         tagged = decisions.map_batches(_with_gid, batch_format="pyarrow").materialize()
         kwargs = {"work": work, "units": [list(u) for u in units]}
         grouped(tagged, "gid", _write_unit_decisions, rows_per_task, **kwargs).materialize()
+    if cfg.semantic.enabled:
+        _semantic_step(items, units, work, cfg, rows_per_task)
     applied = ray.data.from_items(items, override_num_blocks=blocks)
     rows = applied.map_batches(_apply_units, batch_format="numpy", fn_kwargs={"work": work}).take_all()
     return sorted((json.loads(r["summary"]) for r in rows), key=lambda d: d["gid"])
+
+
+def _read_semantic(batch: dict[str, np.ndarray], work: str) -> pa.Table:
+    """Ray Data task: the images of a batch of units that semantic dedup compares."""
+    tables = []
+    for source, unit, gid in zip(batch["source"], batch["unit"], batch["gid"], strict=True):
+        earlier = decisions_path(work, str(source), int(unit))
+        staged = str(staging_path(work, str(source), int(unit)))
+        tables.append(
+            unit_semantic_candidates(staged, str(earlier) if earlier.exists() else None, int(gid), ORDER_SHIFT)
+        )
+    return pa.concat_tables(tables) if tables else SEMANTIC_SCHEMA.empty_table()
+
+
+def _semantic_step(items: list[dict], units: Sequence[tuple[str, int]], work: str, cfg: DedupConfig, rows: int) -> None:
+    """Semantic dedup over the images the earlier steps kept, its drops written per unit ("semantic-")."""
+    import ray
+
+    joining = [i for i in items if i["participates"]]
+    if not joining:
+        return
+    ds = ray.data.from_items(joining, override_num_blocks=max(1, min(len(joining), MAX_BLOCKS)))
+    cands = ds.map_batches(_read_semantic, batch_format="numpy", fn_kwargs={"work": work}).materialize()
+    decisions = semantic_decisions(cands, cfg.semantic, rows).materialize()
+    if decisions.count():
+        tagged = decisions.map_batches(_with_gid, batch_format="pyarrow").materialize()
+        kwargs = {"work": work, "units": [list(u) for u in units], "kind": "semantic"}
+        grouped(tagged, "gid", _write_unit_decisions, rows, **kwargs).materialize()
 
 
 def _finish_source_files(batch: dict[str, np.ndarray], work: str, out: str, shards: ShardConfig) -> dict[str, list]:

@@ -15,6 +15,11 @@ order, then each source's input order):
    ``duplicate_near`` of the earliest *kept* image within ``max_hamming`` bits, else kept. Only kept images
    stand for others: in a chain a ~ b ~ c where c is near b but not near a, b is dropped (near a) and c is
    kept. This is the single-pass algorithm that ran on the driver (tests/data_prep/dedup_reference.py).
+4. ``duplicate_semantic`` (off by default; data_prep.semdedup): among the images step 3 kept, with a CLIP
+   embedding, in job order: dropped when its cosine similarity to an earlier *kept* image of its k-means
+   cluster is at least ``semantic.threshold``, pointing at the earliest such image. As in NeMo Curator the
+   stages run one after the other, so a near duplicate's ``duplicate_of`` may name an image that this step
+   then drops in turn (its own ledger row names the image that stays).
 
 How it is computed without a pass over the whole corpus (data_prep.dedup_stages runs these functions as
 Ray Data stages; each one here sees one hash partition and nothing else):
@@ -40,7 +45,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +71,29 @@ _MAX_KEYS = 1024
 
 
 @dataclass(kw_only=True)
+class SemanticConfig:
+    enabled: bool = False
+    """Drop images whose CLIP embedding is within ``threshold`` of an earlier kept image (SemDeDup); needs
+    embeddings.scorer."""
+    threshold: float = 0.95
+    """Cosine similarity of L2-normalised image embeddings at or above which an image is a duplicate."""
+    clusters: int = 0
+    """k-means clusters (similarities are compared within a cluster only); 0: one per 1,000 candidates."""
+    fit_samples: int = 100_000
+    """Embeddings k-means is fitted on: a seeded sample that does not depend on how blocks are cut."""
+    max_iter: int = 50
+    """Lloyd iterations of the k-means fit at most."""
+    seed: int = 0
+    """Seed of the fit sample and of the k-means++ initialisation."""
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"dedup.semantic.threshold must be a cosine similarity in -1..1, got {self.threshold}")
+        if self.clusters < 0 or self.fit_samples < 1 or self.max_iter < 1:
+            raise ValueError("dedup.semantic: clusters >= 0, fit_samples >= 1 and max_iter >= 1 required")
+
+
+@dataclass(kw_only=True)
 class DedupConfig:
     exact: bool = True
     """Drop exact image duplicates (same decoded pixels) across all sources."""
@@ -75,6 +103,8 @@ class DedupConfig:
     """Largest Hamming distance between 64-bit pHashes that counts as a near duplicate (0..16)."""
     text: bool = True
     """Drop exact duplicate texts in text-only sources."""
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    """Semantic dedup on CLIP image embeddings, after exact and near dedup (data_prep.semdedup)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_hamming <= 16:

@@ -8,10 +8,33 @@ carry the score (a source with LAION metadata columns, or a configured scorer).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 KEEP = (True, "")
+LANGUAGE_CANDIDATES = [
+    "en",
+    "de",
+    "fr",
+    "es",
+    "it",
+    "pt",
+    "nl",
+    "pl",
+    "ru",
+    "zh",
+    "ja",
+    "ko",
+    "ar",
+    "tr",
+    "vi",
+    "id",
+    "sv",
+]
+"""Languages the identifier chooses among by default: restricting the choice makes short captions far more
+reliable than all 140 languages of the model (data_prep.captions)."""
+_CODE_RE = re.compile(r"^[a-z]{2,3}$")
 
 
 @dataclass(kw_only=True)
@@ -33,13 +56,31 @@ class FilterConfig:
     """Score name -> lowest kept value (applied when the sample carries the score)."""
     max_scores: dict[str, float] = field(default_factory=lambda: {"watermark": 0.8, "nsfw": 0.5})
     """Score name -> value at or above which the sample is rejected (when the sample carries the score)."""
+    fix_text: bool = False
+    """Repair mojibake and broken Unicode in the text with ftfy before any check (the repaired text is kept)."""
+    max_char_run: int = 0
+    """Reject texts with a run of one character longer than this ("!!!!!!!!", "aaaaaaa"); 0 disables."""
+    languages: list[str] = field(default_factory=list)
+    """ISO 639-1 codes a text must be in (identified by py3langid); [] disables the check."""
+    min_language_confidence: float = 0.5
+    """Lowest identifier confidence (among language_candidates) for an allowed language to count."""
+    language_candidates: list[str] = field(default_factory=lambda: list(LANGUAGE_CANDIDATES))
+    """ISO 639-1 codes the identifier chooses among (languages must be among them)."""
 
     def __post_init__(self) -> None:
-        for name in ("min_side", "min_words", "min_chars", "max_words", "max_chars"):
+        for name in ("min_side", "min_words", "min_chars", "max_words", "max_chars", "max_char_run"):
             if getattr(self, name) < 0:
                 raise ValueError(f"filters.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_aspect != 0 and self.max_aspect < 1:
             raise ValueError(f"filters.max_aspect must be 0 (off) or >= 1, got {self.max_aspect}")
+        if not 0.0 <= self.min_language_confidence <= 1.0:
+            raise ValueError(f"filters.min_language_confidence must be in 0..1, got {self.min_language_confidence}")
+        bad = [c for c in [*self.languages, *self.language_candidates] if not _CODE_RE.match(c)]
+        if bad:
+            raise ValueError(f"filters.languages / language_candidates: {bad} are not ISO 639-1 codes like 'en'")
+        missing = sorted(set(self.languages) - set(self.language_candidates))
+        if missing:
+            raise ValueError(f"filters.languages {missing} are not in filters.language_candidates")
 
 
 def filter_size(width: int, height: int, cfg: FilterConfig) -> tuple[bool, str]:
@@ -60,7 +101,14 @@ def filter_text(text: str | None, cfg: FilterConfig) -> tuple[bool, str]:
         return False, "text_too_short"
     if (cfg.max_words and words > cfg.max_words) or (cfg.max_chars and len(stripped) > cfg.max_chars):
         return False, "text_too_long"
+    if cfg.max_char_run and has_run(stripped, cfg.max_char_run + 1):
+        return False, "text_repeated_chars"
     return KEEP
+
+
+def has_run(text: str, length: int) -> bool:
+    """Whether one character repeats ``length`` times in a row (whitespace included: a page of blanks)."""
+    return re.search(rf"(.)\1{{{length - 1}}}", text, re.DOTALL) is not None
 
 
 def filter_scores(scores: Mapping[str, float], cfg: FilterConfig) -> tuple[bool, str]:

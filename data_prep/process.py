@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data_prep.captions import repair_text
 from data_prep.filters import filter_scores, filter_size, filter_text
 from data_prep.imaging import (
     ImageConfig,
@@ -53,9 +54,12 @@ STAGING_SCHEMA = pa.schema(
         ("image_ext", pa.string()),
         ("text", pa.string()),
         ("meta", pa.binary()),
+        ("embedding", pa.list_(pa.float32())),
     ]
 )
-SMALL_COLUMNS = [f.name for f in STAGING_SCHEMA if f.name not in ("image", "text", "meta")]
+"""A unit's staging rows; ``embedding``: the sample's L2-normalised image embedding when a clip scorer keeps
+them (semantic dedup, the embeddings written beside the shards), else null."""
+SMALL_COLUMNS = [f.name for f in STAGING_SCHEMA if f.name not in ("image", "text", "meta", "embedding")]
 """What global dedup and shard planning read back (no payload)."""
 _DETAIL_MAX = 300
 _ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -73,6 +77,8 @@ class Candidate:
     fields: Fields
     image: Image.Image | None = None
     stored: bytes | None = None
+    size: tuple[int, int] | None = None
+    """Width and height of the stored image."""
 
 
 def staging_path(work_dir: str, source: str, index: int) -> Path:
@@ -98,6 +104,8 @@ def prepare_record(rec: RawRecord, src: SourceConfig, image_cfg: ImageConfig, un
         if rec.error is not None:
             raise Rejected(*rec.error)
         fields = map_fields(rec, src)
+        if src.filters.fix_text and fields.text is not None:
+            fields.text = repair_text(fields.text)  # before hashing and checks: the repaired text is kept
         for keep, reason in (filter_text(fields.text, src.filters), filter_scores(fields.scores, src.filters)):
             if not keep:
                 raise Rejected(reason)
@@ -112,7 +120,7 @@ def prepare_record(rec: RawRecord, src: SourceConfig, image_cfg: ImageConfig, un
         rgb, stored, ext = normalise_image(decoded, rec.image or b"", image_cfg)
         row["phash"] = phash64(rgb)
         row["image_ext"] = ext
-        return Candidate(row, fields, rgb, stored)
+        return Candidate(row, fields, rgb, stored, rgb.size)
     except Exception as exc:  # one bad sample never fails the job: anything unforeseen is a named reject
         rej = exc if isinstance(exc, Rejected) else Rejected("processing_error", f"{type(exc).__name__}: {exc}")
         # object addresses in exception texts would make the ledger differ between identical runs
@@ -131,8 +139,8 @@ def finish_candidate(cand: Candidate, src: SourceConfig) -> dict[str, Any]:
         source=src.name,
         source_key=row["source_key"],
         task=src.task,
-        width=cand.image.width if cand.image is not None else None,
-        height=cand.image.height if cand.image is not None else None,
+        width=cand.size[0] if cand.size is not None else None,
+        height=cand.size[1] if cand.size is not None else None,
         sha256=image_sha256(cand.stored) if cand.stored is not None else None,
         phash=phash_hex(row["phash"]) if row["phash"] is not None else None,
         label=f.label,
@@ -152,52 +160,42 @@ def finish_candidate(cand: Candidate, src: SourceConfig) -> dict[str, Any]:
     return row
 
 
-def apply_scorers(cands: list[Candidate], scorers: list[Any]) -> None:
-    with_images = [c for c in cands if c.image is not None]
-    for scorer in scorers:
-        if with_images:
-            for cand, value in zip(with_images, scorer.score([c.image for c in with_images]), strict=True):
-                cand.fields.scores[scorer.name] = value
-
-
 def process_records(
-    records: list[RawRecord], src: SourceConfig, image_cfg: ImageConfig, unit: int, scorers: list[Any] = ()
+    records: list[RawRecord], src: SourceConfig, image_cfg: ImageConfig, unit: int
 ) -> list[dict[str, Any]]:
-    """All of a unit's records -> staging rows in input order."""
-    if not scorers:
-        # finish each sample at once: its decoded pixels are freed while hot instead of a unit's worth
-        # (tens of MB) being held for scorers that are not there
-        rows = []
-        for pos, r in enumerate(records):
-            p = prepare_record(r, src, image_cfg, unit, pos)
-            rows.append(finish_candidate(p, src) if isinstance(p, Candidate) else p)
-        return rows
-    prepared = [prepare_record(r, src, image_cfg, unit, pos) for pos, r in enumerate(records)]
-    cands = [p for p in prepared if isinstance(p, Candidate)]
-    apply_scorers(cands, list(scorers))
-    return [finish_candidate(p, src) if isinstance(p, Candidate) else p for p in prepared]
+    """All of a unit's records -> staging rows in input order (no model scorers: data_prep.score_stages
+    runs those as stages between preparing and finishing)."""
+    # finish each sample at once: its decoded pixels are freed while hot instead of a unit's worth
+    # (tens of MB) being held
+    rows = []
+    for pos, r in enumerate(records):
+        p = prepare_record(r, src, image_cfg, unit, pos)
+        rows.append(finish_candidate(p, src) if isinstance(p, Candidate) else p)
+    return rows
 
 
-def process_unit(
-    unit: Unit, src: SourceConfig, image_cfg: ImageConfig, work_dir: str, scorers: list[Any] = ()
-) -> dict[str, Any]:
-    """Read, process and stage one unit (skipped when its staging file exists). Returns its summary."""
-    path = staging_path(work_dir, src.name, unit.index)
-    if path.exists():
-        meta = pq.read_metadata(path).metadata or {}
-        return {**json.loads(meta[b"janus.unit"]), "skipped": True}
-    start, cpu_start = time.perf_counter(), time.process_time()
-    records = list(read_unit(unit, src))
-    rows = process_records(records, src, image_cfg, unit.index, scorers)
+def staged_summary(path: Path) -> dict[str, Any] | None:
+    """The summary of a unit already staged (None when it is not)."""
+    if not path.exists():
+        return None
+    meta = pq.read_metadata(path).metadata or {}
+    return {**json.loads(meta[b"janus.unit"]), "skipped": True}
+
+
+def unit_summary(unit: Unit, src: SourceConfig, records: list[RawRecord], start: float, cpu: float) -> dict:
     ignored = Counter(ext for r in records for ext in r.ignored)
-    summary = {
+    return {
         "source": src.name,
         "unit": unit.index,
         "inputs": len(records),
         "ignored_members": dict(sorted(ignored.items())),
         "seconds": time.perf_counter() - start,
-        "cpu_seconds": time.process_time() - cpu_start,
+        "cpu_seconds": time.process_time() - cpu,
     }
+
+
+def write_staging(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """A unit's staging file, atomically; its summary rides in the parquet metadata."""
     table = pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
     table = table.replace_schema_metadata({"janus.unit": json.dumps(summary, sort_keys=True)})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,4 +203,17 @@ def process_unit(
     # staging is temporary and its payload is already-compressed image bytes: skip parquet compression
     pq.write_table(table, tmp, compression="none")
     os.replace(tmp, path)
+
+
+def process_unit(unit: Unit, src: SourceConfig, image_cfg: ImageConfig, work_dir: str) -> dict[str, Any]:
+    """Read, process and stage one unit (skipped when its staging file exists). Returns its summary."""
+    path = staging_path(work_dir, src.name, unit.index)
+    done = staged_summary(path)
+    if done is not None:
+        return done
+    start, cpu_start = time.perf_counter(), time.process_time()
+    records = list(read_unit(unit, src))
+    rows = process_records(records, src, image_cfg, unit.index)
+    summary = unit_summary(unit, src, records, start, cpu_start)
+    write_staging(path, rows, summary)
     return {**summary, "skipped": False}

@@ -4,6 +4,7 @@ Layout (DESIGN.md)::
 
     {out}/{source}/{source}-000000.tar        samples in job order (schema.encode_sample)
     {out}/{source}/{source}-000000.parquet    one row of metadata per sample of the shard
+    {out}/{source}/{source}-000000.embeddings.parquet  optional (embeddings.write): key, embedding per sample
     {out}/{source}/{source}-000000_stats.json written last: its presence marks the shard complete
     {out}/{source}/rejects/rejects.parquet    location, key, source_key, reason, detail, duplicate_of
     {out}/{source}/rejects/summary.json       rejected inputs per reason
@@ -43,6 +44,10 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
+EMBEDDINGS_SUFFIX = "embeddings.parquet"
+EMBEDDINGS_SCHEMA = pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float32()))])
+
+
 @dataclass(kw_only=True)
 class ShardConfig:
     samples_per_shard: int = 1000
@@ -74,6 +79,14 @@ def plan_shards(tar_bytes: Sequence[int], cfg: ShardConfig) -> list[tuple[int, i
     if start < len(tar_bytes):
         ranges.append((start, len(tar_bytes)))
     return ranges
+
+
+def embeddings_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Key -> image embedding of a shard's samples in tar order (null for a sample without one: a text-only
+    sample, or one whose image the clip scorer did not see)."""
+    return pa.table(
+        {"key": [r["key"] for r in rows], "embedding": [r["embedding"] for r in rows]}, schema=EMBEDDINGS_SCHEMA
+    )
 
 
 def keys_digest(keys: Iterable[str]) -> str:
@@ -109,11 +122,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_rows(work_dir: str, source: str, members: Sequence[tuple[int, Sequence[int]]]) -> list[dict[str, Any]]:
+def _load_rows(
+    work_dir: str, source: str, members: Sequence[tuple[int, Sequence[int]]], embeddings: bool = False
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    columns = ["pos", "key", "image", "image_ext", "text", "meta", *(["embedding"] if embeddings else [])]
     for unit, positions in members:
         path = staging_path(work_dir, source, unit)
-        table = pq.read_table(path, columns=["pos", "key", "image", "image_ext", "text", "meta"])
+        table = pq.read_table(path, columns=columns)
         by_pos = {p: i for i, p in enumerate(table.column("pos").to_pylist())}
         picked = table.take([by_pos[p] for p in positions])
         rows.extend(picked.to_pylist())
@@ -161,13 +177,19 @@ def write_shard(spec: dict[str, Any], work_dir: str, out_dir: str) -> dict[str, 
         stats = json.loads(stats_path.read_text())
         if stats.get("keys_digest") == spec["keys_digest"] and stats.get("config_hash") == spec["config_hash"]:
             return {**stats, "reused": True}
-    rows = _load_rows(work_dir, source, spec["members"])
+    embeddings = bool(spec.get("embeddings"))
+    rows = _load_rows(work_dir, source, spec["members"], embeddings)
     meta_rows = []
     with TarShardWriter(tar_path) as writer:
         for row in rows:
             writer.write(_record(row))
             meta_rows.append(_meta_row(row, json.loads(row["meta"])))
     atomic_write_parquet(folder / shard_name(source, index, "parquet"), pa.Table.from_pylist(meta_rows))
+    emb_path = folder / shard_name(source, index, EMBEDDINGS_SUFFIX)
+    if embeddings:
+        atomic_write_parquet(emb_path, embeddings_table(rows))
+    else:  # a run that writes none leaves none of an earlier run's beside its shards
+        emb_path.unlink(missing_ok=True)
     stats = {
         "shard": tar_path.name,
         "source": source,

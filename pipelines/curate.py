@@ -6,11 +6,13 @@ Runs on a local Ray instance, or on a cluster when ``RAY_ADDRESS`` is set or und
 The DAG, each step a Ray Data stage or a small driver step:
 
 1. list units (driver): each source cut into units (line ranges, row groups, folder chunks, tar shards);
-2. process units (Ray Data ``map_batches``, one unit per call; an actor pool when scorers are configured):
-   read -> validate -> filter -> decode/convert -> hash/pHash -> normalise, staged per unit under
-   ``{out}/_work`` (atomic files: a rerun skips units already staged);
+2. process units (Ray Data ``map_batches``, one unit per call): read -> validate -> filter -> decode/convert
+   -> hash/pHash -> normalise, staged per unit under ``{out}/_work`` (atomic files: a rerun skips units
+   already staged). With model scorers or caption languages, a chain of stages instead (data_prep.score_stages):
+   prepare (tasks) -> languages -> one actor pool per scorer group (CPU or fractional GPUs) -> finish (tasks);
 3. dedup (Ray Data groupings, data_prep.dedup_stages): exact, near and text duplicates across all sources,
-   then per unit its kept samples and its rejects (data_prep.decide), as parquet under ``{out}/_work``;
+   then semantic duplicates among the images kept (data_prep.semdedup: k-means on CLIP embeddings, clusters
+   resolved in parallel), then per unit its kept samples and its rejects (data_prep.decide);
 4. plan (a Ray task per source): where each shard starts, streamed over the kept files; the rejects ledger;
 5. write (Ray Data ``map_batches``, one shard per call): contiguous, deterministic shards through
    data_prep.shards.TarShardWriter, then a .parquet and a _stats.json (last) beside each tar; a shard whose
@@ -41,13 +43,17 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from data_prep.captions import check_languages
 from data_prep.decide import decide_units, plan_path, plan_sources, shard_members
 from data_prep.dedup import DedupConfig
 from data_prep.imaging import ImageConfig
+from data_prep.model_scorers import check_scorers
 from data_prep.process import InjectedFailure, process_unit, staging_path
 from data_prep.report import grid_image, source_metrics, summary_table
 from data_prep.schema import SCHEMA_VERSION
-from data_prep.scorers import ScorerConfig, build_scorers
+from data_prep.score_stages import finish_unit, prepare_unit, scoring_chain
+from data_prep.scorers import ScorerConfig, validate_scorer_set
+from data_prep.semdedup import EmbeddingsConfig
 from data_prep.sources import SourceConfig, Unit, list_units
 from data_prep.writer import ShardConfig, atomic_write_json, remove_stale, write_shard
 from pipelines.config import parse_job_args, save_resolved, to_flat_dict
@@ -64,7 +70,7 @@ class ExecConfig:
     num_cpus: int = 0
     """CPUs of a local Ray instance started by the job (0: all cores); ignored when joining a cluster."""
     scorer_actors: int = 1
-    """Size of the actor pool that runs units when scorers are configured."""
+    """Actors of each scorer stage (and of the caption-language stage) unless a scorer sets its own."""
     keep_work: bool = False
     """Keep the staging folder {out}/_work after a successful run (it is what makes a rerun resume)."""
     progress: bool = True
@@ -106,6 +112,8 @@ class CurateConfig:
     """Samples and bytes per shard."""
     scorers: list[ScorerConfig] = field(default_factory=list)
     """Model-based scorers run on every image candidate (thresholds: each source's filters)."""
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    """Which clip scorer's image embeddings are kept (semantic dedup) and whether they are written out."""
     exec: ExecConfig = field(default_factory=ExecConfig)
     """Where and how it runs (not part of the output's identity)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -120,6 +128,12 @@ class CurateConfig:
             raise ValueError(f"sources: duplicate names {dupes}")
         if any(n.startswith("_") for n in names):
             raise ValueError("sources.name must not start with '_' (reserved for _work and _logs)")
+        validate_scorer_set(self.scorers)
+        clips = [s.name for s in self.scorers if s.model == "clip"]
+        if self.embeddings.scorer and self.embeddings.scorer not in clips:
+            raise ValueError(f"embeddings.scorer {self.embeddings.scorer!r} is not a clip scorer of {clips}")
+        if (self.dedup.semantic.enabled or self.embeddings.write) and not self.embeddings.scorer:
+            raise ValueError("dedup.semantic.enabled and embeddings.write need embeddings.scorer (a clip scorer)")
 
 
 CONFIG = CurateConfig
@@ -188,34 +202,46 @@ def kill_worker_once(marker: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _run_units(batch: dict[str, np.ndarray], ctx: dict[str, Any], scorers: list[Any]) -> dict[str, list]:
+def _inject_faults(gid: int, ctx: dict[str, Any]) -> None:
+    if gid == ctx["fail_at_unit"]:
+        raise InjectedFailure(f"injected failure in job unit {gid}")
+    if gid == ctx["kill_at_unit"]:
+        kill_worker_once(Path(ctx["work"]) / f"fault_killed_unit{gid}")
+
+
+def run_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str, list]:
+    """Ray Data task: process and stage the units of a batch (no scorers)."""
     out: dict[str, list] = {"summary": []}
     for text, gid in zip(batch["unit"], batch["gid"], strict=True):
-        if int(gid) == ctx["fail_at_unit"]:
-            raise InjectedFailure(f"injected failure in job unit {gid}")
-        if int(gid) == ctx["kill_at_unit"]:
-            kill_worker_once(Path(ctx["work"]) / f"fault_killed_unit{gid}")
+        _inject_faults(int(gid), ctx)
         unit = Unit.from_json(str(text))
-        src = ctx["sources"][unit.source]
-        summary = process_unit(unit, src, ctx["image"], ctx["work"], scorers)
+        summary = process_unit(unit, ctx["sources"][unit.source], ctx["image"], ctx["work"])
         out["summary"].append(json.dumps(summary, sort_keys=True))
     return out
 
 
-def run_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str, list]:
-    """Ray Data task: process the units of a batch (no scorers)."""
-    return _run_units(batch, ctx, [])
+def prepare_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str, list]:
+    """Ray Data task: the first stage of the scoring chain (read and prepare whole units)."""
+    out: dict[str, list] = {"unit": [], "gid": [], "payload": [], "summary": []}
+    for text, gid in zip(batch["unit"], batch["gid"], strict=True):
+        _inject_faults(int(gid), ctx)
+        unit = Unit.from_json(str(text))
+        payload, summary = prepare_unit(unit, ctx["sources"][unit.source], ctx["image"])
+        out["unit"].append(str(text))
+        out["gid"].append(int(gid))
+        out["payload"].append(payload)
+        out["summary"].append(json.dumps(summary, sort_keys=True))
+    return out
 
 
-class ScoringUnitRunner:
-    """Ray Data actor: loads the scorers' weights once, then processes units with them."""
-
-    def __init__(self, ctx: dict[str, Any], scorers: list[ScorerConfig]) -> None:
-        self.ctx = ctx
-        self.scorers = build_scorers(scorers)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        return _run_units(batch, self.ctx, self.scorers)
+def finish_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str, list]:
+    """Ray Data task: the last stage of the scoring chain (thresholds, encoding, staging files)."""
+    out: dict[str, list] = {"summary": []}
+    for text, payload, summary in zip(batch["unit"], batch["payload"], batch["summary"], strict=True):
+        unit = Unit.from_json(str(text))
+        done = finish_unit(unit, ctx["sources"][unit.source], payload, str(summary), ctx["work"])
+        out["summary"].append(json.dumps(done, sort_keys=True))
+    return out
 
 
 def configure_ray_data(progress: bool, shuffle: str = "sort_shuffle_pull_based") -> None:
@@ -244,15 +270,11 @@ def process_all_units(cfg: CurateConfig, units: list[Unit], work: Path) -> list[
     if pending:
         configure_ray_data(cfg.exec.progress, cfg.exec.shuffle)
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
-        if cfg.scorers:
-            gpus = sum(s.num_gpus for s in cfg.scorers)
-            ds = ds.map_batches(
-                ScoringUnitRunner,
-                batch_size=1,
-                fn_constructor_kwargs={"ctx": ctx, "scorers": cfg.scorers},
-                concurrency=cfg.exec.scorer_actors,
-                num_gpus=gpus or None,
-            )
+        languages = any(s.filters.languages for s in cfg.sources)
+        if cfg.scorers or languages:
+            ds = ds.map_batches(prepare_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1)
+            ds = scoring_chain(ds, cfg.scorers, cfg.embeddings.scorer, ctx["sources"], cfg.exec.scorer_actors)
+            ds = ds.map_batches(finish_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1)
         else:
             ds = ds.map_batches(run_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1)
         ds.take_all()
@@ -265,7 +287,7 @@ def _unit_summary(work: Path, unit: Unit) -> dict[str, Any]:
 
 
 def write_shards_batch(
-    batch: dict[str, np.ndarray], work: str, out: str, config_hash: str, fail_at: list | None
+    batch: dict[str, np.ndarray], work: str, out: str, config_hash: str, fail_at: list | None, embeddings: bool
 ) -> dict[str, list]:
     """Ray Data task: write the shards of a batch of shard-plan rows (data_prep.decide.write_shard_plan)."""
     stats = []
@@ -279,6 +301,7 @@ def write_shards_batch(
             "keys_digest": digest,
             "config_hash": config_hash,
             "fail": [source, index] == fail_at,
+            "embeddings": embeddings,
         }
         stats.append(json.dumps(write_shard(spec, work, out)))
     return {"stats": stats}
@@ -300,7 +323,13 @@ def write_all_shards(
         return []
     paths = [str(plan_path(str(work), s.name)) for s in cfg.sources if plans[s.name]["shards"]]
     ds = ray.data.read_parquet(paths).repartition(first)
-    kwargs = {"work": str(work), "out": cfg.out_dir, "config_hash": chash, "fail_at": fail_at}
+    kwargs = {
+        "work": str(work),
+        "out": cfg.out_dir,
+        "config_hash": chash,
+        "fail_at": fail_at,
+        "embeddings": cfg.embeddings.write,
+    }
     stats = [
         json.loads(r["stats"])
         for r in ds.map_batches(write_shards_batch, batch_size=1, num_cpus=1, fn_kwargs=kwargs).take_all()
@@ -365,6 +394,7 @@ def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
     chash = content_config_hash(cfg)
     # tasks run in their node's working directory, not the driver's: hand them no relative path
     cfg = dataclasses.replace(cfg, out_dir=os.path.abspath(cfg.out_dir))
+    check_models(cfg)
     invalidate_manifests(cfg)
     work = prepare_work_dir(cfg)
     units = [u for src in cfg.sources for u in list_units(src)]
@@ -392,6 +422,17 @@ def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
     if not cfg.exec.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def check_models(cfg: CurateConfig) -> None:
+    """Job start, before any work: every scorer's weights exist and fit their architecture, every language
+    is one the identifier knows (errors name the scorer or source and the path)."""
+    check_scorers(cfg.scorers)
+    for src in cfg.sources:
+        try:
+            check_languages(src.filters)
+        except ValueError as exc:
+            raise ValueError(f"sources[{src.name}]: {exc}") from None
 
 
 def input_files(units: list[Unit]) -> list[tuple[str, int]]:

@@ -35,7 +35,7 @@ def test_scorer_loads_weights_and_scores(weights):
 
 
 def test_scorer_config_validation(weights):
-    with pytest.raises(ValueError, match="scorers.model"):
+    with pytest.raises(ValueError, match=r"scorers\[a\]\.model"):
         ScorerConfig(name="a", model="clip_giant", weights=weights)
     with pytest.raises(ValueError, match="weights"):
         ScorerConfig(name="a", weights="")
