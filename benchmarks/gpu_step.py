@@ -4,7 +4,7 @@
     python benchmarks/gpu_step.py --flavors janus_pro_7b --settings shipped,ac
     python benchmarks/gpu_step.py --flavors debug --steps 3 --warmup 1   # CPU: the debug flavor (CI)
 
-What every training worker runs (pipelines.train_step with FSDP2 on a mesh of one device, bf16 on a GPU,
+What every training worker runs (training.step with FSDP2 on a mesh of one device, bf16 on a GPU,
 the packed attention kernel, chunked cross-entropy), on synthetic packed batches: random weights, the
 stage II freeze, AdamW, micro-batches of ``--micro`` samples mixed understanding : text : generation =
 2 : 3 : 5 and packed into rows of the recipe's max_len (4096; 512 for debug), generation targets precomputed
@@ -44,8 +44,8 @@ from model.flavors import get_flavor
 from model.flops import flops_per_batch, peak_flops
 from model.freeze import apply_freeze
 from model.tokenizer import build_debug_tokenizer
-from pipelines.parallelize import ParallelConfig
-from pipelines.train_step import TrainStep, build_optimizer, parallelize_task
+from training.parallelize import ParallelConfig
+from training.step import TrainStep, build_optimizer, parallelize_task
 
 SHIPPED = {  # configs/train/<flavor>.yaml: parallel.compile, parallel.activation_checkpointing
     "janus_pro_1b": (False, False),

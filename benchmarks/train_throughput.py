@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_throughput.py [--steps 24] [--warmup 4] [--family janus_pro]
 
 Both loops run the same model (debug flavor), the same stage (II: everything but SigLIP/VQ trains), the
-same step code (pipelines.train_loop.StageRunner) and the same batches from the same shards on 2 CPU
+same step code (training.runner.StageRunner) and the same batches from the same shards on 2 CPU
 workers over gloo; only the harness differs (Ray Train workers fed by Ray Data streaming_split vs torchrun
 processes reading the tars directly). Targets: Ray/torchrun tokens/s >= 0.9; data path samples/s >= 5x
 what the training loop consumes.
@@ -101,8 +101,8 @@ def run_ray(data: Path, out: Path, steps: int, family: str, warmup: int) -> dict
     import ray
 
     from pipelines.config import load_config
-    from pipelines.train import run_training, stage_dir
-    from pipelines.train_config import TrainConfig
+    from training.stages import run_training, stage_dir
+    from training.config import TrainConfig
 
     cfg = load_config(TrainConfig, None, overrides(data, out, steps, family))
     ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
@@ -119,8 +119,8 @@ def torchrun_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from pipelines.config import load_config
-    from pipelines.train_config import TrainConfig
-    from pipelines.train_loop import StageRunner
+    from training.config import TrainConfig
+    from training.runner import StageRunner
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -185,8 +185,8 @@ def run_data_path(data: Path, micro: int) -> dict[str, float]:
 
     from model.build import ModelConfig, build_collate
     from model.flavors import get_flavor
-    from pipelines.train import build_stage_dataset
-    from pipelines.train_loop import rows_to_samples
+    from training.stages import build_stage_dataset
+    from training.runner import rows_to_samples
 
     ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
     try:

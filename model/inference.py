@@ -9,7 +9,6 @@ warning). Used by the generate and evaluate jobs and by the MLflow model (model.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,9 +22,7 @@ from model.build import build_model
 from model.family import get_family
 from model.flavors import FAMILIES, FlavorConfig, get_flavor
 from model.tokenizer import SpecialIds, load_tokenizer, special_ids
-
-DONE_FILE = "stage_done.json"
-WEIGHTS_FILE = "model.safetensors"
+from model.weights import DONE_FILE, StageWeights, load_weights
 
 
 @dataclass
@@ -51,15 +48,12 @@ def _find_vae(checkpoint: Path, vae_path: str | None) -> str | None:
 
 def _load_weights(checkpoint: Path) -> tuple[nn.Module, FlavorConfig, str, str | None]:
     """-> model, flavor, family, tokenizer path (None = the flavor's debug tokenizer)."""
-    done = checkpoint / DONE_FILE
-    if done.is_file():  # a training stage's final weights: the model's own state_dict keys
-        from safetensors.torch import load_file
-
-        info = json.loads(done.read_text())
-        flavor = get_flavor(info["flavor"])
-        family = flavor.family(info["family"])
+    if StageWeights.exists(checkpoint):  # a training stage's final weights: the model's own state_dict keys
+        record = StageWeights.read(checkpoint)
+        flavor = get_flavor(record.flavor)
+        family = flavor.family(record.family)
         model = build_model(flavor, family)
-        model.load_state_dict(load_file(str(checkpoint / WEIGHTS_FILE)), strict=True)
+        model.load_state_dict(load_weights(checkpoint), strict=True)
         return model, flavor, family, None
     tok_path = str(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
     for name in FAMILIES:

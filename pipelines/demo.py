@@ -114,8 +114,8 @@ def family_train_args(cfg: DemoConfig, family: str) -> list[str]:
 
 def final_checkpoint(cfg: DemoConfig, family: str) -> Path:
     """Where the family's training job publishes the last stage's weights."""
-    from pipelines.train import stage_dir
-    from pipelines.train_config import TrainConfig
+    from training.stages import stage_dir
+    from training.config import TrainConfig
 
     train_cfg = load_config(TrainConfig, recipe_path(cfg.train_recipes[family]), family_train_args(cfg, family))
     return stage_dir(train_cfg, train_cfg.stages[-1]) / "final"

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from evaluation.judges import judge_colour
 from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, vq_reconstruct
 from model.flavors import get_flavor
 from model.inference import image_grid, to_pil
 from pipelines.config import parse_job_args, save_resolved, to_flat_dict
-from pipelines.judges import judge_colour
 from pipelines.tracking import TrackingConfig, build_tracker
 
 TOY_SOURCES = ("digits", "shapes", "photos")

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipelines.progress import StageProgress, progress_line, stage_summary
+from training.progress import StageProgress, progress_line, stage_summary
 
 
 def _write(log: Path, step: int, loss: float, partial: bool = False) -> None:

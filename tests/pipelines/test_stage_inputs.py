@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import load_config
-from pipelines.train import INPUTS_FILE, StageInputsChanged, check_stage_inputs, stage_inputs
-from pipelines.train_config import TrainConfig
+from training.config import TrainConfig
+from training.records import INPUTS_FILE, StageInputs, StageInputsChanged, check_stage_inputs
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "train" / "debug_janusflow.yaml"
 
@@ -32,10 +32,10 @@ def _cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
 
 def test_same_inputs_are_reused_and_recorded_once(tmp_path: Path) -> None:
     tars, folder = _shards(tmp_path / "shards"), tmp_path / "ckpt" / "stage_I"
-    check_stage_inputs(folder, stage_inputs(_cfg(tmp_path), "I", None, tars), "I")
+    check_stage_inputs(folder, StageInputs.of(_cfg(tmp_path), "I", None, tars), "I")
     recorded = (folder / INPUTS_FILE).read_text()
     (folder / "final").mkdir()  # work done in the folder
-    check_stage_inputs(folder, stage_inputs(_cfg(tmp_path), "I", None, tars), "I")
+    check_stage_inputs(folder, StageInputs.of(_cfg(tmp_path), "I", None, tars), "I")
     assert (folder / INPUTS_FILE).read_text() == recorded
     assert json.loads(recorded)["inputs"]["stage"]["steps"] == 100
 
@@ -51,35 +51,35 @@ def test_same_inputs_are_reused_and_recorded_once(tmp_path: Path) -> None:
 )
 def test_changed_inputs_are_refused_with_what_changed(tmp_path: Path, change: str, named: str) -> None:
     tars, folder = _shards(tmp_path / "shards"), tmp_path / "ckpt" / "stage_I"
-    check_stage_inputs(folder, stage_inputs(_cfg(tmp_path), "I", None, tars), "I")
+    check_stage_inputs(folder, StageInputs.of(_cfg(tmp_path), "I", None, tars), "I")
     overrides = {"recipe": ["stage.I.lr=5e-3"], "loss": ["model.janusflow.t_mu=0.0"]}.get(change, [])
     if change == "shards":
         tars = _shards(tmp_path / "shards", '{"count": 5}')
     if change == "vae":
         (tmp_path / "vae" / "config.json").write_text('{"refit": 1}')
     with pytest.raises(StageInputsChanged, match=named.replace(".", r"\.")) as err:
-        check_stage_inputs(folder, stage_inputs(_cfg(tmp_path, *overrides), "I", None, tars), "I")
+        check_stage_inputs(folder, StageInputs.of(_cfg(tmp_path, *overrides), "I", None, tars), "I")
     assert str(folder) in str(err.value) and "delete" in str(err.value)
 
 
 def test_a_retrained_previous_stage_invalidates_the_next(tmp_path: Path) -> None:
     tars, root = _shards(tmp_path / "shards"), tmp_path / "ckpt"
     cfg = _cfg(tmp_path)
-    check_stage_inputs(root / "I", stage_inputs(cfg, "I", None, tars), "I")
+    check_stage_inputs(root / "I", StageInputs.of(cfg, "I", None, tars), "I")
     (root / "I" / "final").mkdir()
-    check_stage_inputs(root / "II", stage_inputs(cfg, "II", root / "I" / "final", tars), "II")
+    check_stage_inputs(root / "II", StageInputs.of(cfg, "II", root / "I" / "final", tars), "II")
     # stage I retrained from another recipe: its record changes, so stage II's start does too
     (root / "I" / INPUTS_FILE).unlink()
-    check_stage_inputs(root / "I.new", stage_inputs(_cfg(tmp_path, "stage.I.lr=5e-3"), "I", None, tars), "I")
+    check_stage_inputs(root / "I.new", StageInputs.of(_cfg(tmp_path, "stage.I.lr=5e-3"), "I", None, tars), "I")
     (root / "I" / INPUTS_FILE).write_text((root / "I.new" / INPUTS_FILE).read_text())
     with pytest.raises(StageInputsChanged, match=r"start\.previous_stage"):
-        check_stage_inputs(root / "II", stage_inputs(cfg, "II", root / "I" / "final", tars), "II")
+        check_stage_inputs(root / "II", StageInputs.of(cfg, "II", root / "I" / "final", tars), "II")
 
 
 def test_a_folder_from_before_the_record_is_trusted(tmp_path: Path, capsys) -> None:
     tars, folder = _shards(tmp_path / "shards"), tmp_path / "ckpt" / "stage_I"
     (folder / "final").mkdir(parents=True)
-    check_stage_inputs(folder, stage_inputs(_cfg(tmp_path), "I", None, tars), "I")
+    check_stage_inputs(folder, StageInputs.of(_cfg(tmp_path), "I", None, tars), "I")
     assert "no inputs.json" in capsys.readouterr().out
     assert not (folder / INPUTS_FILE).exists()
 
@@ -89,4 +89,36 @@ def test_an_unreadable_record_is_named(tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     (folder / INPUTS_FILE).write_text("{not json")
     with pytest.raises(StageInputsChanged, match="unreadable stage record"):
-        check_stage_inputs(folder, stage_inputs(_cfg(tmp_path), "I", None, tars), "I")
+        check_stage_inputs(folder, StageInputs.of(_cfg(tmp_path), "I", None, tars), "I")
+
+
+def test_records_of_another_schema_version_are_refused(tmp_path: Path) -> None:
+    tars, folder = _shards(tmp_path / "shards"), tmp_path / "ckpt" / "stage_I"
+    check_stage_inputs(folder, StageInputs.of(_cfg(tmp_path), "I", None, tars), "I")
+    record = json.loads((folder / INPUTS_FILE).read_text())
+    assert record["schema_version"] == 1 and StageInputs.read(folder).sha256 == record["sha256"]
+    (folder / INPUTS_FILE).write_text(json.dumps({**record, "schema_version": 2}))
+    with pytest.raises(StageInputsChanged, match="schema version 2, this code reads 1"):
+        StageInputs.read(folder)
+    (folder / INPUTS_FILE).write_text(json.dumps({"sha256": record["sha256"]}))
+    with pytest.raises(StageInputsChanged, match="no inputs field"):
+        StageInputs.read(folder)
+
+
+def test_stage_weights_record_round_trip_and_refusals(tmp_path: Path) -> None:
+    import torch
+
+    from model.weights import DONE_FILE, StageWeights, WeightsRecordError, load_weights
+
+    record = StageWeights(stage="II", steps=3, family="janusflow", flavor="debug")
+    record.write(tmp_path / "final", {"w": torch.ones(2)})
+    assert StageWeights.read(tmp_path / "final") == record and torch.equal(
+        load_weights(tmp_path / "final")["w"], torch.ones(2)
+    )
+    done = tmp_path / "final" / DONE_FILE
+    done.write_text(json.dumps({"stage": "II", "steps": 3, "family": "janusflow"}))
+    with pytest.raises(WeightsRecordError, match=r"missing \['flavor'\]"):
+        StageWeights.read(tmp_path / "final")
+    done.write_text(json.dumps({**json.loads(done.read_text()), "flavor": "debug", "schema_version": 9}))
+    with pytest.raises(WeightsRecordError, match="schema version 9"):
+        StageWeights.read(tmp_path / "final")

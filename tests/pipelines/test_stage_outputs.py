@@ -12,7 +12,7 @@ from PIL import Image
 from model.build import build_model
 from model.flavors import get_flavor
 from model.tokenizer import build_debug_tokenizer
-from pipelines.stage_outputs import PreviewConfig, run_previews
+from training.outputs import PreviewConfig, run_previews
 
 
 @pytest.mark.parametrize("questions", [["What colour is the shape?"], []])

@@ -16,12 +16,12 @@ from model.build import build_model, resolve_family
 from model.family import get_family
 from model.flavors import get_flavor
 from model.freeze import FREEZE_SCHEDULES, param_group
-from pipelines.checkpoint import load_checkpoint
 from pipelines.config import load_config
-from pipelines.train import run_training, stage_dir
-from pipelines.train_config import TrainConfig
-from pipelines.train_loop import WEIGHTS_FILE
+from training.stages import run_training, stage_dir
 from tests.model.toy import ALL_TASKS, make_sample
+from training.checkpoint import load_checkpoint
+from training.config import TrainConfig
+from model.weights import WEIGHTS_FILE
 
 pytestmark = pytest.mark.ray
 

@@ -12,10 +12,10 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from pipelines.config import load_config
-from pipelines.train_config import TrainConfig
-from pipelines.train_loop import StageRunner
 from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.model.toy import ALL_TASKS, make_sample
+from training.config import TrainConfig
+from training.runner import StageRunner
 
 SYNCING_OPS = {
     "aten._local_scalar_dense.default",  # .item(), float(), int(), bool(), .tolist()
@@ -177,7 +177,7 @@ def _device_params():
 def test_resume_continues_with_the_same_random_draws(device: str, tmp_path: Path) -> None:
     """JanusFlow draws t and noise on the training device: a checkpoint carries that device's RNG state, so
     a resumed run continues with the same draws (and losses) as one that never stopped."""
-    from pipelines.checkpoint import save_checkpoint
+    from training.checkpoint import save_checkpoint
 
     overrides = ["model.family=janusflow", "model.pack=true", "model.max_len=300", "stage.II.global_batch=6"]
     overrides += ["stage_init=model", f"parallel.device={device}", "stage.II.lr=0.003"]

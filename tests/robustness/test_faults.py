@@ -27,10 +27,10 @@ from data_prep.schema import encode_sample
 from data_prep.shards import write_tar
 from data_prep.sources import SourceConfig
 from data_prep.writer import ShardConfig
-from pipelines.checkpoint import checkpoint_step, latest_complete_checkpoint
 from pipelines.curate import CurateConfig, ExecConfig, run_curation
 from pipelines.tracking import TrackingConfig
 from tests.data_prep.curate_fixtures import ray_local, write_jsonl  # noqa: F401
+from training.checkpoint import checkpoint_step, latest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,7 +179,7 @@ def test_latest_complete_checkpoint_skips_partial_folders(tmp_path: Path) -> Non
     import torch
     from torch import nn
 
-    from pipelines.checkpoint import TrainState, save_checkpoint
+    from training.checkpoint import TrainState, save_checkpoint
 
     model = nn.Linear(64, 64)
     optim = torch.optim.AdamW(model.parameters())

@@ -33,28 +33,26 @@ from model.flops import flops_per_batch, peak_flops
 from model.freeze import apply_freeze
 from model.janusflow_task import apply_ema_update, build_ema
 from model.tokenizer import load_tokenizer
-from pipelines.checkpoint import (
+from model.weights import StageWeights, load_weights
+from pipelines.config import config_from_dict
+from pipelines.lineage import STAGE_DIR_TAG
+from pipelines.tracking import DatasetRef, Tracker, build_tracker, system_metrics
+from training.checkpoint import (
     TrainState,
     full_model_state_dict,
     latest_complete_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from pipelines.config import config_from_dict
-from pipelines.lineage import STAGE_DIR_TAG
-from pipelines.parallelize import compute_dtype, init_process_group
-from pipelines.stage_outputs import (
+from training.config import StageConfig, TrainConfig, stage_index
+from training.outputs import (
     export_stage_model,
     log_previews,
     run_previews,
     unsharded_model,
 )
-from pipelines.tracking import DatasetRef, Tracker, build_tracker, system_metrics
-from pipelines.train_config import StageConfig, TrainConfig, stage_index
-from pipelines.train_step import TrainStep, build_optimizer, parallelize_task
-
-WEIGHTS_FILE = "model.safetensors"
-DONE_FILE = "stage_done.json"
+from training.parallelize import compute_dtype, init_process_group
+from training.step import TrainStep, build_optimizer, parallelize_task
 
 
 def lr_lambda(stage: StageConfig) -> Callable[[int], float]:
@@ -117,9 +115,7 @@ def build_stage_model(cfg: TrainConfig, stage: str, init_weights: str | None, de
     torch.manual_seed(cfg.seed)
     model = build_model(flavor, family, path=None if init_weights else cfg.model.path)
     if init_weights:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(Path(init_weights) / WEIGHTS_FILE)), strict=True)
+        model.load_state_dict(load_weights(init_weights), strict=True)
     counts = apply_freeze(model, family, stage_index(stage))
     torch.manual_seed(cfg.seed + 7919 * stage_index(stage))  # the VAE (JanusFlow debug) is seeded apart
     task = build_task(model, flavor, cfg.model)
@@ -152,22 +148,6 @@ def gather_ema(ema: Any) -> dict[str, torch.Tensor] | None:
         return None
     full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for n, t in ema.shadow.items()}
     return full if _dist_info()[0] == 0 else None
-
-
-def write_stage_weights(weights: dict[str, torch.Tensor], out_dir: Path, info: dict[str, Any]) -> None:
-    """The stage's final full weights (what the next stage starts from), written atomically."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / WEIGHTS_FILE))
-    (tmp / DONE_FILE).write_text(json.dumps(info, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
 
 
 class StageRunner:
@@ -245,7 +225,7 @@ class StageRunner:
         self.state.samples_seen += self.micro * self.accum
 
     def flush(self) -> dict[str, float]:
-        """Collective: the metrics since the last flush, reduced over ranks (see pipelines.train_step)."""
+        """Collective: the metrics since the last flush, reduced over ranks (see training.step)."""
         return self.train_step.flush(self.scfg.global_batch, self.peak)
 
     def publish(self, tracker: Tracker, final: bool) -> None:
@@ -255,8 +235,8 @@ class StageRunner:
             return
         step = self.state.step
         if final:
-            info = {"stage": self.stage, "steps": step, "family": self.family, "flavor": self.flavor.name}
-            write_stage_weights(weights, self.out_dir / "final", info)
+            record = StageWeights(stage=self.stage, steps=step, family=self.family, flavor=self.flavor.name)
+            record.write(self.out_dir / "final", weights)
         model = unsharded_model(self.flavor, self.family, weights, self.device)
         tokenizer = load_tokenizer(self.flavor, self.cfg.model.path)
         vae = self.task.vae

@@ -27,7 +27,7 @@ from torch import nn
 
 from model.build import decoder_blocks
 from model.losses import Metric, metric
-from pipelines.parallelize import ParallelConfig, apply_parallelism, build_device_mesh, init_process_group
+from training.parallelize import ParallelConfig, apply_parallelism, build_device_mesh, init_process_group
 
 Batch = dict[str, Any]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.build import ModelConfig
-from pipelines.parallelize import ParallelConfig
-from pipelines.stage_outputs import PreviewConfig
 from pipelines.tracking import TrackingConfig
+from training.outputs import PreviewConfig
+from training.parallelize import ParallelConfig
 
 STAGE_NAMES = ("I", "II", "III")
 SCHEDULES = ("constant", "cosine")
