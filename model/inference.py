@@ -9,7 +9,7 @@ warning). Used by the generate and evaluate jobs and by the MLflow model (model.
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,8 @@ from model.family import get_family
 from model.flavors import FAMILIES, FlavorConfig, get_flavor
 from model.tokenizer import SpecialIds, load_tokenizer, special_ids
 from model.weights import DONE_FILE, StageWeights, load_weights
+
+log = logging.getLogger("model.inference")
 
 
 @dataclass
@@ -75,7 +77,7 @@ def load_for_inference(checkpoint: str | Path, vae_path: str | None = None) -> L
 
         found = _find_vae(checkpoint, vae_path)
         if found is None:
-            print(f"warning: {checkpoint}: no VAE given or found; decoding with a random VAE", file=sys.stderr)
+            log.warning("%s: no VAE given or found; decoding with a random VAE", checkpoint)
         vae = load_vae(found) if found else build_vae(flavor)
     return LoadedModel(model.eval(), family, flavor, tokenizer, special_ids(tokenizer), vae)
 

@@ -158,12 +158,28 @@ def save_resolved(cfg: Any, out_dir: str | Path, name: str = RESOLVED_NAME) -> P
     return target
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""One format for every job's log lines (a job's final table is printed as it is)."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Every job's logging: ``LOG_FORMAT`` on stderr at ``level`` (the job's ``--log-level``)."""
+    import logging
+
+    if level.upper() not in LOG_LEVELS:
+        raise ValueError(f"log level {level!r} is not one of {LOG_LEVELS}")
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
+
+
 def parse_job_args(schema: type[T], argv: Sequence[str] | None, prog: str, doc: str = "") -> T:
-    """The command line every job shares: ``--config FILE [dotted.key=value ...]``."""
+    """The command line every job shares: ``--config FILE [dotted.key=value ...] [--log-level LEVEL]``."""
     parser = argparse.ArgumentParser(prog=prog, description=doc)
     parser.add_argument("--config", "-c", help="YAML recipe (defaults of the schema when omitted)")
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log lines at this level and up")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, applied last")
     args = parser.parse_args(argv)
+    setup_logging(args.log_level)
     try:
         return load_config(schema, args.config, args.overrides)
     except ConfigError as exc:

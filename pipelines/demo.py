@@ -11,6 +11,7 @@ the demo exercises the real CLIs. Paths are relative to the working directory: e
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from data_prep.toyworld import ToyWorldConfig, build_toyworld
 from model.family import get_family
 from pipelines.config import load_config, parse_job_args, save_resolved, to_flat_dict
 from pipelines.tracking import TrackingConfig, build_tracker, pipeline_run, resolve_uri
+
+log = logging.getLogger("pipelines.demo")
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("janus_pro", "janusflow")
@@ -114,8 +117,8 @@ def family_train_args(cfg: DemoConfig, family: str) -> list[str]:
 
 def final_checkpoint(cfg: DemoConfig, family: str) -> Path:
     """Where the family's training job publishes the last stage's weights."""
-    from training.stages import stage_dir
     from training.config import TrainConfig
+    from training.stages import stage_dir
 
     train_cfg = load_config(TrainConfig, recipe_path(cfg.train_recipes[family]), family_train_args(cfg, family))
     return stage_dir(train_cfg, train_cfg.stages[-1]) / "final"
@@ -203,7 +206,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
             save_resolved(cfg, cfg.out_dir)
             for name, step in demo_steps(cfg):
                 start = time.perf_counter()
-                print(f"\n=== demo: {name} ===", flush=True)
+                log.info("demo: %s", name)
                 step()
                 timings[name] = time.perf_counter() - start
                 parent.log_metrics({f"time_s/{name}": timings[name]})

@@ -12,6 +12,7 @@ safetensors), ``{out_dir}/fit_tokenizers.json`` (PSNR before/after, codebook use
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from model.flavors import get_flavor
 from model.inference import image_grid, to_pil
 from pipelines.config import parse_job_args, save_resolved, to_flat_dict
 from pipelines.tracking import TrackingConfig, build_tracker
+
+logger = logging.getLogger("pipelines.fit_tokenizers")
 
 TOY_SOURCES = ("digits", "shapes", "photos")
 
@@ -184,10 +187,10 @@ def fit_one(kind: str, cfg: FitTokenizersConfig, images: dict[str, list[bytes]],
     if "shapes" in images:
         metrics[f"{kind}/shape_colour_kept"] = colour_kept(kind, module, images["shapes"][:64], size)
     tracker.log_metrics(metrics)
-    print(
-        f"fit_tokenizers: {kind} {stats.steps} steps in {stats.seconds:.0f}s on {len(flat)} images: "
-        f"PSNR {stats.psnr_before:.1f} -> {stats.psnr_after:.1f} dB {stats.extra} -> {out / kind}"
-    )
+    logger.info(
+        "%s: %d steps in %.0fs on %d images: PSNR %.1f -> %.1f dB %s -> %s",
+        kind, stats.steps, stats.seconds, len(flat), stats.psnr_before, stats.psnr_after, stats.extra, out / kind,
+    )  # fmt: skip
     return metrics
 
 

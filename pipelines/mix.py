@@ -218,10 +218,9 @@ def run(cfg: MixConfig) -> dict[str, dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_job_args(MixConfig, argv, prog="python -m pipelines.mix", doc=__doc__ or "")
     manifests = run(cfg)
-    print(f"recipe {cfg.recipe}: stage shards in {Path(cfg.out_dir) / cfg.recipe}")
+    log.info("recipe %s: stage shards in %s", cfg.recipe, Path(cfg.out_dir) / cfg.recipe)
     print(ratio_table(manifests))
     return 0
 

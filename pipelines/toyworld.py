@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Sequence
 
 from data_prep.toyworld import ToyWorldConfig, build_toyworld
 from pipelines.config import parse_job_args, save_resolved
+
+log = logging.getLogger("pipelines.toyworld")
 
 CONFIG = ToyWorldConfig
 
@@ -17,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     out = build_toyworld(cfg)
     save_resolved(cfg, out)
-    print(f"toyworld: wrote {out} in {time.perf_counter() - start:.1f}s (summary: {out / 'toyworld.json'})")
+    log.info("wrote %s in %.1fs (summary: %s)", out, time.perf_counter() - start, out / "toyworld.json")
     return 0
 
 

@@ -8,6 +8,7 @@ resumes the unfinished stage from its last checkpoint and skips finished ones (t
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 from pipelines.config import parse_job_args
 from training.config import TrainConfig
 from training.stages import run_training
+
+log = logging.getLogger("pipelines.train")
 
 CONFIG = TrainConfig
 
@@ -28,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_job_args(TrainConfig, argv, prog="python -m pipelines.train", doc=__doc__ or "")
     finals = run(cfg)
     for stage, path in finals.items():
-        print(f"train: stage {stage} weights -> {path}")
+        log.info("stage %s weights -> %s", stage, path)
     return 0
 
 

@@ -3,16 +3,18 @@
 The driver is blocked in ``TorchTrainer.fit()`` while the workers train; rank 0 writes every logged step
 to its JSONL log (``{stage}/logs/rank0.jsonl``, on the storage every node shares). :class:`StageProgress`
 follows that file from a thread and shows a line per log step (step/total, loss, tokens/s, MFU where known,
-data wait, ETA), or one bar redrawn in place when the console is a terminal. The same lines reach
-``ray job logs`` for a submitted job, since the job's driver prints them.
+data wait, ETA) through the job's logging, or one bar redrawn in place when stdout is a terminal. The same
+lines reach ``ray job logs`` for a submitted job, since the job's driver logs them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -58,10 +60,20 @@ def read_metrics(path: Path, offset: int = 0) -> tuple[list[tuple[int, dict[str,
 class StageProgress:
     """Show a stage's progress while the block runs (see the module docstring)."""
 
-    def __init__(self, log: Path, stage: str, total_steps: int, stream: TextIO | None = None, poll_s: float = 1.0):
+    def __init__(
+        self,
+        log: Path,
+        stage: str,
+        total_steps: int,
+        stream: TextIO | None = None,
+        poll_s: float = 1.0,
+        emit: Callable[[str], None] | None = None,
+    ):
         self.log, self.stage, self.total, self.poll_s = Path(log), stage, total_steps, poll_s
         self.stream = stream or sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.emit = emit or logging.getLogger("training.progress").info
+        """Where a line goes when the stream is no terminal (the job's log)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"progress-{stage}")
         self._offset = 0
@@ -98,9 +110,9 @@ class StageProgress:
                 width = 24
                 filled = int(width * min(1.0, step / max(1, self.total)))
                 self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}\x1b[K")
+                self.stream.flush()
             else:
-                self.stream.write(line + "\n")
-            self.stream.flush()
+                self.emit(line)
             self.shown += 1
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 
 from pipelines.config import to_dict
 from training.config import TrainConfig
+
+log = logging.getLogger("training.records")
 
 INPUTS_FILE = "inputs.json"
 SCHEMA_VERSION = 1
@@ -134,6 +137,6 @@ def check_stage_inputs(folder: Path, current: StageInputs, stage: str) -> None:
             f"delete that folder (and the later stages') to train anew, or give another name= or checkpoint.dir="
         )
     if folder.is_dir() and any(folder.iterdir()):
-        print(f"train: warning: {folder} has no {INPUTS_FILE}; trusting its work was done from this recipe")
+        log.warning("%s has no %s; trusting its work was done from this recipe", folder, INPUTS_FILE)
         return
     current.write(folder)

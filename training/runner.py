@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -53,6 +54,8 @@ from training.outputs import (
 )
 from training.parallelize import compute_dtype, init_process_group
 from training.step import TrainStep, build_optimizer, parallelize_task
+
+log = logging.getLogger("training.runner")
 
 
 def lr_lambda(stage: StageConfig) -> Callable[[int], float]:
@@ -311,7 +314,7 @@ def maybe_inject_fault(cfg: TrainConfig, stage: str, rank: int, step: int, stage
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("killed here by the fault drill\n")
-    print(f"fault drill: killing rank {rank} of stage {stage} after step {step}", flush=True)
+    log.warning("fault drill: killing rank %d of stage %s after step %d", rank, stage, step)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -326,7 +329,7 @@ def resume_from(runner: StageRunner, registered: Any) -> None:
         dist.broadcast_object_list(choice, src=0)
     if choice[0] is not None:
         if registered is not None and Path(registered.path).name != Path(choice[0]).name and runner.rank == 0:
-            print(f"resume: {Path(choice[0]).name} is complete but was not registered by Ray; resuming from it")
+            log.warning("resume: %s is complete but was not registered by Ray; resuming from it", Path(choice[0]).name)
         runner.restore(choice[0])
     elif registered is not None:
         with registered.as_directory() as path:
@@ -350,7 +353,7 @@ def kill_job_mid_upload(
     dest.mkdir(parents=True, exist_ok=True)
     (dest / own.name).write_bytes(data[: len(data) // 2])
     marker.write_text(f"job killed while saving {dir_name}\n")
-    print(f"fault drill: killing the job (process group {pgid}) while saving {dir_name}", flush=True)
+    log.warning("fault drill: killing the job (process group %d) while saving %s", pgid, dir_name)
     os.killpg(pgid, signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 

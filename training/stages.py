@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tarfile
 import time
@@ -24,6 +25,8 @@ from training.config import STAGE_NAMES, TrainConfig
 from training.progress import StageProgress, stage_summary
 from training.records import StageInputs, check_stage_inputs
 from training.runner import train_loop_per_worker
+
+log = logging.getLogger("training.stages")
 
 
 def stage_shard_paths(cfg: TrainConfig, stage: str) -> list[Path]:
@@ -104,7 +107,7 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
     tars = stage_shard_paths(cfg, stage)
     check_stage_inputs(stage_dir(cfg, stage), StageInputs.of(cfg, stage, init, tars), stage)
     if StageWeights.exists(final):
-        print(f"train: stage {stage} already finished ({final}); skipping")
+        log.info("stage %s already finished (%s); skipping", stage, final)
         return final
     check_cpu_budget(cfg)
     n = count_samples(tars)
@@ -137,14 +140,14 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
         # Deterministic order and split: a resumed worker skips exactly the rows it had consumed.
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    print(f"train: stage {stage}: {n} samples in {len(tars)} shards, {workers} workers, from {init or 'scratch'}")
-    log = stage_dir(cfg, stage) / "logs" / "rank0.jsonl"
-    since = log.stat().st_size if log.is_file() else 0
-    with StageProgress(log, stage, cfg.stage[stage].steps):
+    log.info("stage %s: %d samples in %d shards, %d workers, from %s", stage, n, len(tars), workers, init or "scratch")
+    log_file = stage_dir(cfg, stage) / "logs" / "rank0.jsonl"
+    since = log_file.stat().st_size if log_file.is_file() else 0
+    with StageProgress(log_file, stage, cfg.stage[stage].steps):
         trainer.fit()
     if not StageWeights.exists(final):
         raise RuntimeError(f"stage {stage} ended without writing its final weights to {final}")
-    print(stage_summary(log, stage, since))
+    log.info("%s", stage_summary(log_file, stage, since))
     return final
 
 
@@ -191,7 +194,7 @@ def register_final_model(cfg: TrainConfig, run_ids: list[str]) -> str | None:
     uri = register_model(cfg.tracking, cfg.registry.name, model_id, {k: tags[k] for k in keep if k in tags})
     for run_id in run_ids:
         client.set_tag(run_id, f"{REGISTERED_TAG}.{cfg.registry.name}", uri)
-    print(f"train: registered stage {stage}'s model as {uri}")
+    log.info("registered stage %s's model as %s", stage, uri)
     return uri
 
 

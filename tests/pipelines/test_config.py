@@ -116,3 +116,18 @@ def test_parse_job_args(tmp_path: Path) -> None:
     path = _yaml(tmp_path, "r.yaml", "steps: 3\n")
     cfg = parse_job_args(JobConfig, ["--config", str(path), "name=x"], prog="t")
     assert (cfg.steps, cfg.name) == (3, "x")
+
+
+def test_log_level_flag_sets_every_jobs_logging(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    parse_job_args(JobConfig, ["--log-level", "WARNING", "name=quiet"], prog="t")
+    logging.getLogger("training.stages").info("not shown")
+    logging.getLogger("training.stages").warning("shown")
+    err = capsys.readouterr().err
+    assert "not shown" not in err and " WARNING training.stages: shown" in err
+    with pytest.raises(SystemExit):
+        parse_job_args(JobConfig, ["--log-level", "LOUD"], prog="t")
+    assert "invalid choice: 'LOUD'" in capsys.readouterr().err
+    parse_job_args(JobConfig, [], prog="t")  # back to the default
+    assert logging.getLogger().level == logging.INFO

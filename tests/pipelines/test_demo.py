@@ -91,7 +91,7 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     assert digits_accuracy == results["generation/digits"]["accuracy"]
     assert "summary.txt" in {a.path for a in client.list_artifacts(parent)}
     # The driver showed training as it went (a line per logged step) and a table at the end of each stage.
-    assert "stage II  step 2/2  loss" in done.stdout and "stage III: steps 1..2" in done.stdout
+    assert "stage II  step 2/2  loss" in done.stderr and "stage III: steps 1..2" in done.stderr  # the job's log
     _check_lineage_and_registry(client, by_name, out)
 
 

@@ -24,7 +24,7 @@ def test_progress_follows_the_log_while_training_writes_it(tmp_path: Path) -> No
     log.parent.mkdir()
     _write(log, 7, 9.0)  # an earlier attempt's line: history, not shown
     start = log.stat().st_size
-    out = io.StringIO()
+    lines: list[str] = []
 
     def train() -> None:
         for step in range(1, 5):
@@ -33,11 +33,10 @@ def test_progress_follows_the_log_while_training_writes_it(tmp_path: Path) -> No
         with log.open("a") as fh:  # a non-metric line and a params line are skipped
             fh.write(json.dumps({"kind": "params", "params": {}}) + "\n")
 
-    with StageProgress(log, "II", total_steps=4, stream=out, poll_s=0.02):
+    with StageProgress(log, "II", total_steps=4, stream=io.StringIO(), poll_s=0.02, emit=lines.append):
         worker = threading.Thread(target=train)
         worker.start()
         worker.join()
-    lines = out.getvalue().splitlines()
     assert [ln.split("  ")[1] for ln in lines] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
     assert lines[-1].startswith("stage II") and "loss 1.0000" in lines[-1] and "4,000 tok/s" in lines[-1]
     assert "ETA 0m00s" in lines[-1] and "ETA -" in lines[0]
