@@ -106,20 +106,22 @@ class ScorerStage:
 
     def __init__(self, group: list[ScorerConfig], keep_embedding: bool) -> None:
         self.scorer = build_group(group, keep_embedding)
+        self.batch_size = group[0].batch_size
 
     def score_rows(self, rows: list[dict[str, Any]], source: str) -> None:
         todo = _pending(rows, images=True)
-        if not todo:
-            return
-        fields = [_fields(rows[i]["fields"]) for i in todo]
-        out = self.scorer.score_batch([_open(rows[i]["image"]) for i in todo], [f.text for f in fields])
-        for k, (i, f) in enumerate(zip(todo, fields, strict=True)):
-            for name, values in out.items():
-                if name == EMBEDDING:
-                    rows[i]["embedding"] = values[k].tolist()
-                elif np.isfinite(values[k]):  # NaN: no score for this sample (a CLIP score needs a caption)
-                    f.scores[name] = float(values[k])
-            rows[i]["fields"] = _fields_json(f)
+        # decode one batch at a time: a unit of 10k images would be gigabytes of pixels at once
+        for lo in range(0, len(todo), self.batch_size):
+            chunk = todo[lo : lo + self.batch_size]
+            fields = [_fields(rows[i]["fields"]) for i in chunk]
+            out = self.scorer.score_batch([_open(rows[i]["image"]) for i in chunk], [f.text for f in fields])
+            for k, (i, f) in enumerate(zip(chunk, fields, strict=True)):
+                for name, values in out.items():
+                    if name == EMBEDDING:
+                        rows[i]["embedding"] = values[k].tolist()
+                    elif np.isfinite(values[k]):  # NaN: no score for this sample (a CLIP score needs a caption)
+                        f.scores[name] = float(values[k])
+                rows[i]["fields"] = _fields_json(f)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _map_payloads(batch, self.score_rows)
