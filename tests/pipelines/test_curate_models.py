@@ -85,6 +85,36 @@ def aimed_thresholds(scores: dict[str, np.ndarray]) -> tuple[dict, dict, dict[in
     return mins, maxs, victims
 
 
+def semantic_source(tmp_path, models: dict) -> tuple:
+    """The photos, then tight crops of the rocket and the horse and a cropped, colour-shifted coffee cup (each
+    more than max_hamming pHash bits from its original), as a jsonl source; the semantic threshold halfway
+    between the copies' similarity to their originals and the unrelated photos' (after checking the margin);
+    the embeddings the clip scorer gives the files."""
+    mdir = tmp_path / "semantic"
+    (mdir / "img").mkdir(parents=True)
+    originals = {n.split(".")[0]: photo(n) for n in PHOTOS}
+    copies = {
+        "rocket_crop": ("rocket", crop(originals["rocket"])),
+        "horse_crop": ("horse", crop(originals["horse"])),
+        "coffee_shifted": ("coffee", colour_shift(crop(originals["coffee"]))),
+    }
+    for k, im in [*originals.items(), *((k, im) for k, (_, im) in copies.items())]:
+        im.save(mdir / "img" / f"{k}.png")
+    keys = [*originals, *copies]
+    write_jsonl(mdir / "m.jsonl", [{"id": k, "image": f"img/{k}.png", "caption": f"a picture {k}"} for k in keys])
+    for k, (orig, im) in copies.items():  # near dedup cannot see these copies
+        assert (phash64(im) ^ phash64(originals[orig])).bit_count() > DedupConfig().max_hamming, k
+    sem = ClipScorer(models["clip"], keep_embedding=True).score_batch(
+        [Image.open(mdir / "img" / f"{k}.png").convert("RGB") for k in keys], [None] * len(keys)
+    )[EMBEDDING]
+    sim = sem @ sem.T
+    n = len(originals)
+    distinct = sim[:n, :n][~np.eye(n, dtype=bool)].max()
+    copy_sims = [sim[n + j, keys.index(orig)] for j, (orig, _) in enumerate(copies.values())]
+    assert min(copy_sims) - distinct > 0.05, (distinct, copy_sims)
+    return mdir, originals, copies, float((min(copy_sims) + distinct) / 2), sem
+
+
 def read_tar(path) -> list:
     return [decode_sample(r) for r in wds.WebDataset(str(path), shardshuffle=False)]
 
@@ -132,29 +162,7 @@ def test_standard_scorers_caption_checks_and_semantic_dedup(models, tmp_path, ra
     write_jsonl(cdir / "m.jsonl", [{"id": k, "image": f"img/{k}.png", "caption": c} for k, c in captions.items()])
 
     # -- "semantic": photos, then a tight crop of two and a cropped, colour-shifted coffee (pHash misses all)
-    mdir = tmp_path / "semantic"
-    (mdir / "img").mkdir(parents=True)
-    originals = {n.split(".")[0]: photo(n) for n in PHOTOS}
-    copies = {
-        "rocket_crop": ("rocket", crop(originals["rocket"])),
-        "horse_crop": ("horse", crop(originals["horse"])),
-        "coffee_shifted": ("coffee", colour_shift(crop(originals["coffee"]))),
-    }
-    for k, im in [*originals.items(), *((k, im) for k, (_, im) in copies.items())]:
-        im.save(mdir / "img" / f"{k}.png")
-    keys = [*originals, *copies]
-    write_jsonl(mdir / "m.jsonl", [{"id": k, "image": f"img/{k}.png", "caption": f"a picture {k}"} for k in keys])
-    for k, (orig, im) in copies.items():  # near dedup cannot see these copies
-        assert (phash64(im) ^ phash64(originals[orig])).bit_count() > DedupConfig().max_hamming, k
-    sem = ClipScorer(models["clip"], keep_embedding=True).score_batch(
-        [Image.open(mdir / "img" / f"{k}.png").convert("RGB") for k in keys], [None] * len(keys)
-    )[EMBEDDING]
-    sim = sem @ sem.T
-    n = len(originals)
-    distinct = sim[:n, :n][~np.eye(n, dtype=bool)].max()
-    copy_sims = [sim[n + j, keys.index(orig)] for j, (orig, _) in enumerate(copies.values())]
-    assert min(copy_sims) - distinct > 0.05, (distinct, copy_sims)
-    threshold = float((min(copy_sims) + distinct) / 2)
+    mdir, originals, copies, threshold, sem = semantic_source(tmp_path, models)
 
     cfg = CurateConfig(
         sources=[
@@ -245,3 +253,36 @@ def test_standard_scorers_caption_checks_and_semantic_dedup(models, tmp_path, ra
     assert [e["key"] for e in emb] == list(kept_keys.values())
     got = np.array([e["embedding"] for e in emb])
     np.testing.assert_allclose(got, sem[: len(originals)], atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_semantic_dedup_output_is_byte_identical_whatever_the_layout(models, tmp_path, ray_local):  # noqa: F811
+    """Two clusters, and two runs that cut the work differently (dedup partitions, scorer actors): the same
+    bytes in every output file, embeddings included."""
+    mdir, _, copies, threshold, _ = semantic_source(tmp_path, models)
+
+    def run(out: str, rows_per_task: int, actors: int) -> dict:
+        src = SourceConfig(name="semantic", kind="caption", format="jsonl", path=str(mdir / "m.jsonl"), unit_size=3,
+                           filters=FilterConfig(min_side=32, **NO_SCORE_FILTERS))  # fmt: skip
+        cfg = CurateConfig(
+            sources=[src],
+            out_dir=str(tmp_path / out),
+            image=ImageConfig(short_side=256),
+            dedup=DedupConfig(semantic=SemanticConfig(enabled=True, threshold=threshold, clusters=2, seed=3)),
+            scorers=[models["clip"]],
+            embeddings=EmbeddingsConfig(scorer="clip", write=True),
+            exec=ExecConfig(progress=False, dedup_rows_per_task=rows_per_task, scorer_actors=actors),
+            tracking=TrackingConfig(backend="none"),
+        )
+        (result,) = run_curation(cfg)
+        assert result["inputs"] == result["kept"] + result["rejected"]
+        root = tmp_path / out / "semantic"
+        return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+    first = run("a", rows_per_task=200_000, actors=1)
+    assert "semantic-000000.embeddings.parquet" in first
+    assert first == run("b", rows_per_task=2, actors=2)
+    ledger = pq.read_table(tmp_path / "a" / "semantic" / "rejects" / "rejects.parquet").to_pylist()
+    # two clusters may part a copy from its original; whatever they catch is a semantic duplicate
+    assert {r["reason"] for r in ledger} <= {"duplicate_semantic"} and {r["source_key"] for r in ledger} <= set(copies)
