@@ -62,6 +62,24 @@ def save_clip(folder: Path, model=None, proc=None) -> str:
     return str(folder)
 
 
+def save_siglip(folder: Path, seed: int = 0) -> str:
+    """A SiglipModel (towers of width 32, no projection: embeddings are the vision width) and a processor
+    with the byte-level tokenizer (SigLIP's own is a sentencepiece model we cannot build offline)."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    tok = clip_tokenizer()
+    image = SiglipImageProcessor(size={"height": CLIP_SIZE, "width": CLIP_SIZE})
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    cfg = SiglipConfig(
+        text_config={**tower, "vocab_size": len(tok), "max_position_embeddings": 16},
+        vision_config={**tower, "image_size": CLIP_SIZE, "patch_size": 8},
+    )
+    torch.manual_seed(seed)
+    SiglipModel(cfg).save_pretrained(folder)
+    SiglipProcessor(image_processor=image, tokenizer=tok).save_pretrained(folder)
+    return str(folder)
+
+
 def augment(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A random crop (60-100% of each side) with a random colour shift: the kind of copy semantic dedup is for."""
     w, h = im.size

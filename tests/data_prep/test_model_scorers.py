@@ -16,13 +16,20 @@ from data_prep.model_scorers import (
     NudeNetScorer,
     ScorerWeightsError,
     check_scorers,
+    clip_embedding_dim,
 )
 from data_prep.scorers import EMBEDDING, ScorerConfig, scorer_groups
 from data_prep.sources import SourceConfig
 from pipelines.curate import CurateConfig, run_curation
 from pipelines.tracking import TrackingConfig
 from tests.data_prep.curate_fixtures import photo
-from tests.data_prep.model_fixtures import EMBED_DIM, save_aesthetic_head, save_clip, save_watermark_classifier
+from tests.data_prep.model_fixtures import (
+    EMBED_DIM,
+    save_aesthetic_head,
+    save_clip,
+    save_siglip,
+    save_watermark_classifier,
+)
 
 NAMES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")
 
@@ -70,6 +77,20 @@ def test_clip_similarity_and_aesthetic_heads_share_one_embedding(paths):
     again = ClipScorer(clip_cfg(paths), keep_embedding=False).score_batch(images[::-1], texts[::-1])
     assert EMBEDDING not in again
     np.testing.assert_allclose(again["clip"][::-1], out["clip"], atol=1e-5)
+
+
+def test_siglip_scores_with_its_full_length_padding(paths):
+    folder = save_siglip(paths["root"] / "siglip")
+    cfg = ScorerConfig(name="sig", model="clip", weights=folder, batch_size=2)
+    assert clip_embedding_dim(cfg) == 32  # SigLIP has no projection: the vision width
+    images = [photo(n) for n in NAMES[:3]]
+    texts = ["an astronaut", None, "a cat " * 40]  # longer than its 16 positions: truncated, not an error
+    out = ClipScorer(cfg, keep_embedding=True).score_batch(images, texts)
+    assert out[EMBEDDING].shape == (3, 32) and np.isnan(out["sig"][1])
+    assert np.all(np.abs(out["sig"][[0, 2]]) <= 1 + 1e-6)
+    # text padded to the full length: the score of a caption does not depend on the batch's longest one
+    alone = ClipScorer(cfg).score_batch(images[:1], texts[:1])["sig"]
+    np.testing.assert_allclose(alone, out["sig"][:1], atol=1e-5)
 
 
 def test_nudenet_shipped_model_detects_and_scores_exposed_parts_only():
