@@ -102,11 +102,11 @@ def child(n: int, cpus: int, interval: float) -> dict:
     """One size in this process: corpus, Ray start, idle reading, the job under the sampler."""
     import ray
 
+    from common.tracking import TrackingConfig
     from data_prep.filters import FilterConfig
     from data_prep.sources import SourceConfig
     from data_prep.writer import ShardConfig
     from pipelines.curate import CurateConfig, ExecConfig, run_curation
-    from pipelines.tracking import TrackingConfig
 
     with tempfile.TemporaryDirectory(prefix="curate-mem-") as tmp:
         src = make_corpus(Path(tmp) / "src", n)

@@ -34,6 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from common.tracking import TrackingConfig
 from data_prep.imaging import (
     ImageConfig,
     content_hash,
@@ -47,7 +48,6 @@ from data_prep.shards import TarShardWriter, shard_name
 from data_prep.sources import SourceConfig
 from data_prep.writer import ShardConfig
 from pipelines.curate import CurateConfig, ExecConfig, ray_session, run_curation
-from pipelines.tracking import TrackingConfig
 
 SHARD_SAMPLES = 200
 

@@ -100,9 +100,9 @@ def step_metrics(jsonl: Path, warmup: int) -> dict[str, float]:
 def run_ray(data: Path, out: Path, steps: int, family: str, warmup: int) -> dict[str, float]:
     import ray
 
-    from pipelines.config import load_config
-    from training.stages import run_training, stage_dir
+    from common.config import load_config
     from training.config import TrainConfig
+    from training.stages import run_training, stage_dir
 
     cfg = load_config(TrainConfig, None, overrides(data, out, steps, family))
     ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
@@ -118,7 +118,7 @@ def torchrun_worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipelines.config import load_config
+    from common.config import load_config
     from training.config import TrainConfig
     from training.runner import StageRunner
 
@@ -185,8 +185,8 @@ def run_data_path(data: Path, micro: int) -> dict[str, float]:
 
     from model.build import ModelConfig, build_collate
     from model.flavors import get_flavor
-    from training.stages import build_stage_dataset
     from training.runner import rows_to_samples
+    from training.stages import build_stage_dataset
 
     ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
     try:

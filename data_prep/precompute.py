@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from common.ray_session import ray_session
 from data_prep.schema import GENERATION_TASKS, LATENT_EXT, VQ_EXT, Sample, decode_sample, encode_sample
 from data_prep.shards import TarShardWriter, iter_tar_records
 
@@ -239,10 +240,7 @@ def run_precompute(
 
     if num_gpus_per_actor is None:
         num_gpus_per_actor = 1.0 if torch.cuda.is_available() else 0.0
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session():
         ds = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=max(1, len(paths)))
         ds = ds.map_batches(
             ShardPrecomputer,
@@ -252,9 +250,6 @@ def run_precompute(
             num_gpus=num_gpus_per_actor,
         )
         rows = ds.take_all()
-    finally:
-        if started:
-            ray.shutdown()
     return {Path(str(r["path"])).name: int(r["encoded"]) for r in rows}
 
 

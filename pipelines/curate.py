@@ -26,7 +26,6 @@ with the corpus (benchmarks/curate_scale.py, benchmarks/curate_memory.py).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,7 +34,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from common.config import parse_job_args, save_resolved, to_flat_dict
+from common.lineage import curated_dataset, source_dataset
+from common.ray_session import ray_session
+from common.tracking import TrackingConfig, build_tracker
 from data_prep.captions import check_languages
 from data_prep.decide import decide_units, plan_path, plan_sources, shard_members
 from data_prep.dedup import DedupConfig
@@ -56,9 +59,6 @@ from data_prep.scorers import ScorerConfig, validate_scorer_set
 from data_prep.semdedup import EmbeddingsConfig
 from data_prep.sources import SourceConfig, Unit, list_units
 from data_prep.writer import ShardConfig, atomic_write_json, remove_stale, write_shard
-from pipelines.config import parse_job_args, save_resolved, to_flat_dict
-from pipelines.lineage import curated_dataset, source_dataset
-from pipelines.tracking import TrackingConfig, build_tracker
 
 WORK_DIR = "_work"
 LOG_DIR = "_logs"
@@ -150,25 +150,6 @@ def content_config_hash(cfg: CurateConfig) -> str:
     for name in ("out_dir", "exec", "tracking"):
         data.pop(name)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def ray_session(num_cpus: int) -> Iterator[None]:
-    """Join the running Ray (RAY_ADDRESS, ray job submit, a test's instance) or start a local one."""
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(num_cpus=num_cpus or None, include_dashboard=False)
-        started = True
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def prepare_work_dir(cfg: CurateConfig) -> Path:

@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.config import load_config, parse_job_args, save_resolved, to_flat_dict
+from common.ray_session import ray_session
+from common.tracking import TrackingConfig, build_tracker, pipeline_run, resolve_uri
 from data_prep.toyworld import ToyWorldConfig, build_toyworld
 from model.family import get_family
-from pipelines.config import load_config, parse_job_args, save_resolved, to_flat_dict
-from pipelines.tracking import TrackingConfig, build_tracker, pipeline_run, resolve_uri
 
 log = logging.getLogger("pipelines.demo")
 
@@ -194,39 +195,31 @@ def summary_table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, float]:
-    import ray
-
     timings: dict[str, float] = {}
-    started = not ray.is_initialized()
-    if started:  # one local instance for every job (each job joins a running one)
-        ray.init(num_cpus=cfg.ray_num_cpus or None, include_dashboard=False, log_to_driver=False)
-    try:
-        with pipeline_run(cfg.tracking, "demo") as parent:
-            parent.log_params(to_flat_dict(cfg))
-            save_resolved(cfg, cfg.out_dir)
-            for name, step in demo_steps(cfg):
-                start = time.perf_counter()
-                log.info("demo: %s", name)
-                step()
-                timings[name] = time.perf_counter() - start
-                parent.log_metrics({f"time_s/{name}": timings[name]})
-            parent.log_metrics({"time_s/total": sum(timings.values())})
-            results = evaluation_results(cfg)
-            parent.log_metrics(
-                {
-                    f"{family}/{name}/{key}": float(r[key])
-                    for family, metrics in results.items()
-                    for name, r in metrics.items()
-                    for key in ("accuracy", "ratio_to_chance")
-                    if r.get(key) is not None
-                }
-            )
-            summary = Path(cfg.out_dir) / "summary.txt"
-            summary.write_text(summary_table(results) + "\n")
-            parent.log_artifact(summary)
-    finally:
-        if started:
-            ray.shutdown()
+    # one local Ray for every job (each job joins a running one)
+    with ray_session(cfg.ray_num_cpus), pipeline_run(cfg.tracking, "demo") as parent:
+        parent.log_params(to_flat_dict(cfg))
+        save_resolved(cfg, cfg.out_dir)
+        for name, step in demo_steps(cfg):
+            start = time.perf_counter()
+            log.info("demo: %s", name)
+            step()
+            timings[name] = time.perf_counter() - start
+            parent.log_metrics({f"time_s/{name}": timings[name]})
+        parent.log_metrics({"time_s/total": sum(timings.values())})
+        results = evaluation_results(cfg)
+        parent.log_metrics(
+            {
+                f"{family}/{name}/{key}": float(r[key])
+                for family, metrics in results.items()
+                for name, r in metrics.items()
+                for key in ("accuracy", "ratio_to_chance")
+                if r.get(key) is not None
+            }
+        )
+        summary = Path(cfg.out_dir) / "summary.txt"
+        summary.write_text(summary_table(results) + "\n")
+        parent.log_artifact(summary)
     return timings
 
 

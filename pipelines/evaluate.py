@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
+from common.config import parse_job_args, save_resolved, to_flat_dict
+from common.lineage import find_stage_model
+from common.tracking import TrackingConfig, build_tracker
 from data_prep.toy_render import COLORS, SHAPES
 from evaluation.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
 from model.family import get_family
 from model.flavors import FAMILIES
 from model.inference import LoadedModel, answer, generate_images, image_grid, load_for_inference
-from pipelines.config import parse_job_args, save_resolved, to_flat_dict
-from pipelines.lineage import find_stage_model
-from pipelines.tracking import TrackingConfig, build_tracker
 
 
 @dataclass(kw_only=True)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from common.config import parse_job_args, save_resolved, to_flat_dict
+from common.tracking import TrackingConfig, build_tracker
 from evaluation.judges import judge_colour
 from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, vq_reconstruct
 from model.flavors import get_flavor
 from model.inference import image_grid, to_pil
-from pipelines.config import parse_job_args, save_resolved, to_flat_dict
-from pipelines.tracking import TrackingConfig, build_tracker
 
 logger = logging.getLogger("pipelines.fit_tokenizers")
 

@@ -9,6 +9,7 @@ realised-vs-target table and records it in the MLflow run "mix".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,12 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.config import config_hash, parse_job_args, save_resolved
+from common.lineage import curated_dataset, stage_dataset
+from common.ray_session import ray_session
+from common.tracking import TrackingConfig, build_tracker
 from data_prep.mixture import MANIFEST_NAME, StageConfig, build_stage_plan, load_source
 from data_prep.precompute import PrecomputeConfig, precompute_config_encoder, run_precompute
 from data_prep.stage_shards import build_manifest, finalize_manifest, write_stage_shards
-from pipelines.config import config_hash, parse_job_args, save_resolved
-from pipelines.lineage import curated_dataset, stage_dataset
-from pipelines.tracking import TrackingConfig, build_tracker
 
 log = logging.getLogger("pipelines.mix")
 
@@ -186,14 +188,8 @@ def run(cfg: MixConfig) -> dict[str, dict]:
     tracker = build_tracker(
         cfg.tracking, "mix", jsonl_path=out_root / "mix.jsonl", tags={"janus.kind": "mix", "janus.recipe": cfg.recipe}
     )
-    ray_started = False
-    if cfg.precompute.kind != "none" or cfg.write_workers > 1:  # one local Ray for all stages, unless connected
-        import ray
-
-        ray_started = not ray.is_initialized()
-        if ray_started:
-            ray.init(include_dashboard=False, log_to_driver=False)
-    with tracker:
+    needs_ray = cfg.precompute.kind != "none" or cfg.write_workers > 1  # one Ray for all stages
+    with tracker, ray_session() if needs_ray else contextlib.nullcontext():
         tracker.log_params(
             {
                 "recipe": cfg.recipe,
@@ -204,16 +200,10 @@ def run(cfg: MixConfig) -> dict[str, dict]:
             }
         )
         tracker.log_artifact(out_root / "config.resolved.yaml")
-        try:
-            for name in stages:
-                manifests[name] = build_stage(cfg, name, sources, chash)
-                log_stage(tracker, name, manifests[name])
-                log_lineage(tracker, cfg, name, sources)
-        finally:
-            if ray_started:
-                import ray
-
-                ray.shutdown()
+        for name in stages:
+            manifests[name] = build_stage(cfg, name, sources, chash)
+            log_stage(tracker, name, manifests[name])
+            log_lineage(tracker, cfg, name, sources)
     return manifests
 
 

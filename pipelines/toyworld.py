@@ -7,8 +7,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from common.config import parse_job_args, save_resolved
 from data_prep.toyworld import ToyWorldConfig, build_toyworld
-from pipelines.config import parse_job_args, save_resolved
 
 log = logging.getLogger("pipelines.toyworld")
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.config import parse_job_args
+from common.config import parse_job_args
 from training.config import TrainConfig
 from training.stages import run_training
 

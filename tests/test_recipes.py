@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from common.config import load_config
 from pipelines.__main__ import job_module, recipe_job
-from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.rglob("*.yaml"))

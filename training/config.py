@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.tracking import TrackingConfig
 from model.build import ModelConfig
-from pipelines.tracking import TrackingConfig
 from training.outputs import PreviewConfig
 from training.parallelize import ParallelConfig
 

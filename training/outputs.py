@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.tracking import Tracker
 from model.build import build_model
 from model.flavors import FlavorConfig
-from pipelines.tracking import Tracker
 
 
 @dataclass(kw_only=True)

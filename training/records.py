@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import to_dict
+from common.config import to_dict
 from training.config import TrainConfig
 
 log = logging.getLogger("training.records")

@@ -26,6 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from common.config import config_from_dict
+from common.lineage import STAGE_DIR_TAG
+from common.tracking import DatasetRef, Tracker, build_tracker, system_metrics
 from data_prep.schema import Sample, decode_sample
 from model.build import build_collate, build_model, build_task, resolve_family
 from model.family import get_family
@@ -35,9 +38,6 @@ from model.freeze import apply_freeze
 from model.janusflow_task import apply_ema_update, build_ema
 from model.tokenizer import load_tokenizer
 from model.weights import StageWeights, load_weights
-from pipelines.config import config_from_dict
-from pipelines.lineage import STAGE_DIR_TAG
-from pipelines.tracking import DatasetRef, Tracker, build_tracker, system_metrics
 from training.checkpoint import (
     TrainState,
     full_model_state_dict,

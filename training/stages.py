@@ -17,10 +17,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.config import save_resolved, to_dict
+from common.lineage import REGISTERED_TAG, find_stage_model, register_model, stage_dataset
+from common.ray_session import ray_session
+from common.tracking import PARENT_ENV, pipeline_run, resolve_uri
 from model.weights import StageWeights
-from pipelines.config import save_resolved, to_dict
-from pipelines.lineage import REGISTERED_TAG, find_stage_model, register_model, stage_dataset
-from pipelines.tracking import PARENT_ENV, pipeline_run, resolve_uri
 from training.config import STAGE_NAMES, TrainConfig
 from training.progress import StageProgress, stage_summary
 from training.records import StageInputs, check_stage_inputs
@@ -159,16 +160,6 @@ def _absolute_sqlite(uri: str) -> str:
     return uri
 
 
-def _ensure_ray() -> bool:
-    """Connect to RAY_ADDRESS / the job's cluster, or start a local instance; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    return True
-
-
 def _absolute_model_paths(cfg: TrainConfig) -> None:
     """Workers run in their own directories: relative weight/tokenizer paths are the driver's, made absolute."""
     for name in ("path", "vq_path", "vae_path"):
@@ -203,19 +194,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Path]:
     _absolute_model_paths(cfg)
     out = {}
     outer = cfg.tracking.parent_run_id or os.environ.get(PARENT_ENV)
-    started = _ensure_ray()
-    try:
-        with pipeline_run(cfg.tracking, f"train-{cfg.name}", run_key=f"train/{cfg.name}") as parent:
-            cfg.tracking.parent_run_id = parent.run_id
-            save_resolved(cfg, Path(cfg.checkpoint.dir) / cfg.name)
-            for stage in cfg.stages:
-                start = time.perf_counter()
-                out[stage] = run_stage(cfg, stage)
-                parent.log_metrics({f"time_s/stage_{stage}": time.perf_counter() - start})
-            register_final_model(cfg, [r for r in (parent.run_id, outer) if r])
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    with (
+        ray_session(log_to_driver=True),  # the job's cluster (RAY_ADDRESS) or a local instance
+        pipeline_run(cfg.tracking, f"train-{cfg.name}", run_key=f"train/{cfg.name}") as parent,
+    ):
+        cfg.tracking.parent_run_id = parent.run_id
+        save_resolved(cfg, Path(cfg.checkpoint.dir) / cfg.name)
+        for stage in cfg.stages:
+            start = time.perf_counter()
+            out[stage] = run_stage(cfg, stage)
+            parent.log_metrics({f"time_s/stage_{stage}": time.perf_counter() - start})
+        register_final_model(cfg, [r for r in (parent.run_id, outer) if r])
     return out

@@ -54,7 +54,7 @@ def test_real_flavor_builds_on_meta_without_memory():
 
 
 def test_model_config_loads_through_the_job_config_loader():
-    from pipelines.config import ConfigError, load_config
+    from common.config import ConfigError, load_config
 
     cfg = load_config(ModelConfig, None, ["flavor=janusflow_1_3b", "janusflow.t_sigma=0.5", "pack=true"])
     assert cfg.flavor == "janusflow_1_3b" and cfg.janusflow.t_sigma == 0.5 and cfg.pack

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import (
+from common.config import (
     ConfigError,
     config_hash,
     load_config,

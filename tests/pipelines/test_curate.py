@@ -8,12 +8,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from common.tracking import TrackingConfig
 from data_prep.imaging import ImageConfig
 from data_prep.schema import decode_sample, make_key
 from data_prep.sources import SourceConfig
 from data_prep.writer import ShardConfig
 from pipelines.curate import AccountingError, CurateConfig, ExecConfig, finish_source, main, run_curation
-from pipelines.tracking import TrackingConfig
 from tests.data_prep.curate_fixtures import build_world, ray_local  # noqa: F401
 from tests.data_prep.dedup_reference import assert_job_agrees_with_reference
 

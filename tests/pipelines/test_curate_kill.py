@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import load_config
+from common.config import load_config
 from pipelines.curate import CurateConfig, run_curation
 from tests.data_prep.curate_fixtures import pattern, ray_local  # noqa: F401
 

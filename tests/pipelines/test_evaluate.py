@@ -10,10 +10,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from common.tracking import TrackingConfig
 from data_prep import toy_render
 from evaluation.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
 from pipelines.evaluate import EvalConfig, run_evaluate
-from pipelines.tracking import TrackingConfig
 from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.pipelines.eval_fixtures import make_checkpoint, small_world
 

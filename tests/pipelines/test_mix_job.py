@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from common.config import ConfigError, load_config
 from data_prep.shards import read_samples
-from pipelines.config import ConfigError, load_config
 from pipelines.mix import MixConfig, main
 from tests.data_prep.curate_fixtures import ray_local  # noqa: F401 - session fixture
 from tests.data_prep.mix_fixtures import write_toy_curated

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import load_config
+from common.config import load_config
 from training.config import TrainConfig
 from training.records import INPUTS_FILE, StageInputs, StageInputsChanged, check_stage_inputs
 

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipelines.tracking import (
+from common.tracking import (
     PARENT_ENV,
     JsonlTracker,
     TrackingConfig,
@@ -78,12 +78,12 @@ def _manifest(path: Path, **fields: object) -> Path:
 
 def _exercise_lineage(cfg: TrackingConfig, tmp_path: Path) -> str:
     """curate -> mix -> a training stage that logs a model -> the registry, as the jobs record them."""
+    from common.lineage import curated_dataset, register_model, source_dataset, stage_dataset
     from model.build import build_model
     from model.export import export_janus_pro
     from model.flavors import get_flavor
     from model.inference import save_mlflow_model
     from model.tokenizer import build_debug_tokenizer
-    from pipelines.lineage import curated_dataset, register_model, source_dataset, stage_dataset
 
     curated = _manifest(tmp_path / "curated" / "digits" / "manifest.json", source="digits", inputs=5, kept=4)
     stage = _manifest(tmp_path / "stages" / "toy" / "stage3" / "manifest.json", recipe="toy", samples=4)

@@ -10,18 +10,18 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from common.config import load_config
 from data_prep.schema import encode_sample
 from data_prep.shards import write_tar
 from model.build import build_model, resolve_family
 from model.family import get_family
 from model.flavors import get_flavor
 from model.freeze import FREEZE_SCHEDULES, param_group
-from pipelines.config import load_config
-from training.stages import run_training, stage_dir
+from model.weights import WEIGHTS_FILE
 from tests.model.toy import ALL_TASKS, make_sample
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
-from model.weights import WEIGHTS_FILE
+from training.stages import run_training, stage_dir
 
 pytestmark = pytest.mark.ray
 

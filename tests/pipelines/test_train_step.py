@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from pipelines.config import load_config
+from common.config import load_config
 from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.model.toy import ALL_TASKS, make_sample
 from training.config import TrainConfig

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from common.config import load_config
 from data_prep.schema import decode_sample
 from data_prep.shards import iter_tar_records
-from pipelines.config import load_config
 from pipelines.curate import CurateConfig, main, run_curation
 from tests.data_prep.curate_fixtures import ray_local  # noqa: F401
 from tests.data_prep.dedup_reference import assert_job_agrees_with_reference

@@ -23,12 +23,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.tracking import TrackingConfig
 from data_prep.schema import encode_sample
 from data_prep.shards import write_tar
 from data_prep.sources import SourceConfig
 from data_prep.writer import ShardConfig
 from pipelines.curate import CurateConfig, ExecConfig, run_curation
-from pipelines.tracking import TrackingConfig
 from tests.data_prep.curate_fixtures import ray_local, write_jsonl  # noqa: F401
 from training.checkpoint import checkpoint_step, latest_complete_checkpoint
 

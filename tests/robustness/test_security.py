@@ -13,8 +13,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from pipelines.redact import MASK, is_secret_name, redact_text
-from pipelines.tracking import TrackingConfig, build_tracker
+from common.redact import MASK, is_secret_name, redact_text
+from common.tracking import TrackingConfig, build_tracker
 from tests.robustness.bad_inputs import _Trap
 from training.checkpoint import (
     TrainState,

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipelines.redact import redact
+from common.redact import redact
 
 T = TypeVar("T")
 
@@ -126,7 +126,7 @@ def to_yaml(cfg: Any) -> str:
 
 
 def to_flat_dict(cfg: Any) -> dict[str, Any]:
-    """``{"a.b.c": value}`` for parameter logging; lists are kept as JSON text; secrets masked (pipelines.redact)."""
+    """``{"a.b.c": value}`` for parameter logging; lists are kept as JSON text; secrets masked (common.redact)."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -148,7 +148,7 @@ def config_hash(cfg: Any) -> str:
 
 def save_resolved(cfg: Any, out_dir: str | Path, name: str = RESOLVED_NAME) -> Path:
     """Write the resolved config next to a job's outputs and return its path. Secret-named keys and secret
-    environment values are masked (pipelines.redact): the file is logged to MLflow and shared with outputs."""
+    environment values are masked (common.redact): the file is logged to MLflow and shared with outputs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / name

@@ -1,6 +1,6 @@
 """Lineage in MLflow: the datasets each job reads and writes, the model each stage logs, the registry.
 
-Every job logs the datasets it relates to (pipelines.tracking.DatasetRef): curate logs each source
+Every job logs the datasets it relates to (common.tracking.DatasetRef): curate logs each source
 (``source``) and each curated source's shards (``output``); mix logs the curated manifests it read
 (``input``) and each stage's shards (``output``); a training stage logs its stage shards (``training``) and
 its model; evaluate logs the model (an input) and attaches its metrics to it. A dataset is named and digested
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.tracking import DatasetRef, TrackingConfig, resolve_uri
+from common.tracking import DatasetRef, TrackingConfig, resolve_uri
 
 STAGE_DIR_TAG = "janus.stage_dir"
 """On a stage's logged model: the stage folder (what evaluate and the registry look it up by)."""

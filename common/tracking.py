@@ -9,7 +9,7 @@ carries that key (a restarted training stage continues its run instead of starti
 The embedded default store is ``sqlite:///mlflow.db`` (artifacts in ``mlartifacts/`` beside the file);
 ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` points elsewhere (e.g. an ``mlflow server``).
 
-Every backend records params, tags and logged dicts through :mod:`pipelines.redact`: secret-named keys,
+Every backend records params, tags and logged dicts through :mod:`common.redact`: secret-named keys,
 secret environment values and URI passwords never reach MLflow or the JSONL logs.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.redact import redact, redact_params, redact_text
+from common.redact import redact, redact_params, redact_text
 
 PARENT_ENV = "JANUS_PARENT_RUN_ID"
 DEFAULT_URI = "sqlite:///mlflow.db"
