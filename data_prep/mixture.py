@@ -9,14 +9,13 @@ subsampled). Writing the shards lives in :mod:`data_prep.stage_shards`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from common.io import file_sha256
 from data_prep.blend import (
     BlendIndex,
     SourcePattern,
@@ -26,6 +25,7 @@ from data_prep.blend import (
     stable_int,
     window_permute,
 )
+from data_prep.manifests import MANIFEST_NAME, CuratedManifest
 from data_prep.schema import GENERATION_TASKS, TASKS, TEXT_TASKS, UNDERSTANDING_TASKS
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ GROUP_TASKS: dict[str, frozenset[str]] = {
     "text": TEXT_TASKS,
 }
 """Task groups a recipe may name, and the sample tasks each accepts."""
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass(kw_only=True)
@@ -184,9 +183,8 @@ def load_source(name: str, directory: str | Path) -> SourceEntry:
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise FileNotFoundError(f"source {name!r}: no {MANIFEST_NAME} in {directory} (run pipelines.curate)")
-    raw = manifest_path.read_bytes()
-    manifest = json.loads(raw)
-    shards = [directory / s["name"] for s in manifest.get("shards", [])]
+    manifest = CuratedManifest.read(manifest_path)
+    shards = [directory / s.name for s in manifest.shards]
     members: list[tuple[int, list[tuple[str, int, int]]]] = []
     keys: list[str] = []
     for si, shard in enumerate(shards):
@@ -199,16 +197,15 @@ def load_source(name: str, directory: str | Path) -> SourceEntry:
                     keys.append(key)
                     members.append((si, []))
                 members[-1][1].append((ext, info.offset_data, info.size))
-    expected = manifest.get("kept")
-    if expected is not None and expected != len(keys):
-        raise ValueError(f"source {name!r}: manifest says {expected} samples, its tars hold {len(keys)}")
+    if manifest.kept != len(keys):
+        raise ValueError(f"source {name!r}: manifest says {manifest.kept} samples, its tars hold {len(keys)}")
     if not keys:
         raise ValueError(f"source {name!r} in {directory} has no samples")
     return SourceEntry(
         name=name,
-        task=str(manifest.get("task", "")),
+        task=manifest.task,
         directory=directory,
-        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        manifest_sha256=file_sha256(manifest_path),
         shards=shards,
         members=members,
         keys=keys,

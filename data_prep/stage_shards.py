@@ -8,9 +8,7 @@ reproducible.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +16,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from common.io import file_sha256
 from data_prep.blend import stable_int
-from data_prep.mixture import MANIFEST_NAME, SourceEntry, StagePlan
+from data_prep.manifests import MANIFEST_NAME, StageManifest, StageShard
+from data_prep.mixture import SourceEntry, StagePlan
 from data_prep.schema import GENERATION_TASKS, KEY_FIELD, decode_sample, encode_sample
 from data_prep.shards import TarShardWriter, shard_name
 
@@ -172,8 +172,17 @@ def _ratios(counts: np.ndarray, groups: list[str]) -> dict[str, float]:
     return {g: round(float(c) / total, 6) for g, c in zip(groups, counts, strict=True)}
 
 
-def build_manifest(plan: StagePlan, written: dict, sources: dict[str, SourceEntry], info: dict) -> dict:
-    """The stage manifest (shard hashes are added by :func:`finalize_manifest`)."""
+def build_manifest(
+    plan: StagePlan,
+    written: dict,
+    sources: dict[str, SourceEntry],
+    *,
+    recipe: str,
+    config_hash: str,
+    samples_per_shard: int,
+    caption_fraction: float = 0.0,
+) -> StageManifest:
+    """The stage manifest (shard sizes and hashes are added by :func:`finalize_manifest`)."""
     groups = [g.name for g in plan.groups]
     sched, index = plan.index.sched, plan.index
     targets = sched.targets(index.bounds)
@@ -215,52 +224,48 @@ def build_manifest(plan: StagePlan, written: dict, sources: dict[str, SourceEntr
                 "realised_ratios": _ratios(realised, groups),
             }
         )
-    return {
-        **info,
-        "stage": plan.name,
-        "seed": plan.seed,
-        "samples": sched.total,
-        "shuffle_window": plan.window,
-        "groups": out_groups,
-        "phases": phases,
-        "target_ratios": _ratios(total_target, groups),
-        "realised_ratios": _ratios(index.counts[-1], groups),
-        "worst_shard": {
+    return StageManifest(
+        recipe=recipe,
+        config_hash=config_hash,
+        samples_per_shard=samples_per_shard,
+        stage=plan.name,
+        seed=plan.seed,
+        samples=sched.total,
+        shuffle_window=plan.window,
+        groups=out_groups,
+        phases=phases,
+        target_ratios=_ratios(total_target, groups),
+        realised_ratios=_ratios(index.counts[-1], groups),
+        worst_shard={
             "name": written["names"][worst],
             "max_deviation": round(float(dev[worst].max()), 6),
             "target_counts": [round(float(t), 6) for t in shard_targets[worst]],
             "counts": written["shard_counts"][worst].tolist(),
             "realised_ratios": _ratios(written["shard_counts"][worst], groups),
         },
-        "caption_first_sentence": {"chosen": int(written["caption_chosen"]), "truncated": int(written["caption_cut"])},
-        "source_manifests": {s: sources[s].manifest_sha256 for gp in plan.groups for s in gp.sources},
-        "shards": [
-            {"name": n, "samples": int(c.sum()), "counts": dict(zip(groups, c.tolist(), strict=True))}
+        caption_first_sentence={
+            "chosen": int(written["caption_chosen"]),
+            "truncated": int(written["caption_cut"]),
+            "fraction": caption_fraction,
+        },
+        source_manifests={s: sources[s].manifest_sha256 for gp in plan.groups for s in gp.sources},
+        shards=[
+            StageShard(name=n, samples=int(c.sum()), counts=dict(zip(groups, c.tolist(), strict=True)))
             for n, c in zip(written["names"], written["shard_counts"], strict=True)
         ],
-    }
+    )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def finalize_manifest(stage_dir: Path, manifest: dict, extra: dict | None = None) -> Path:
-    """Add each shard's bytes and sha256 (after any precompute rewrote them) and write manifest.json atomically."""
-    for shard in manifest["shards"]:
-        path = stage_dir / shard["name"]
-        shard["bytes"] = path.stat().st_size
-        shard["sha256"] = _sha256(path)
-    manifest.update(extra or {})
-    target = stage_dir / MANIFEST_NAME
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, target)
-    return target
+def finalize_manifest(stage_dir: Path, manifest: StageManifest) -> StageManifest:
+    """Add each shard's bytes and sha256 (after any precompute rewrote them) and write manifest.json (atomic,
+    last: its presence says the stage is complete)."""
+    shards = []
+    for shard in manifest.shards:
+        path = stage_dir / shard.name
+        shards.append(dataclasses.replace(shard, bytes=path.stat().st_size, sha256=file_sha256(path)))
+    manifest = dataclasses.replace(manifest, shards=shards)
+    manifest.write(stage_dir / MANIFEST_NAME)
+    return manifest
 
 
 ShardHook = Callable[[Path, list[str]], dict]

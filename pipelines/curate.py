@@ -50,6 +50,7 @@ from data_prep.captions import check_languages
 from data_prep.decide import decide_units, plan_path, plan_sources, shard_members
 from data_prep.dedup import DedupConfig
 from data_prep.imaging import ImageConfig
+from data_prep.manifests import MANIFEST_NAME, CuratedManifest, CuratedShard
 from data_prep.model_scorers import check_scorers
 from data_prep.process import InjectedFailure, process_unit, staging_path
 from data_prep.report import grid_image, source_metrics, summary_table
@@ -58,7 +59,7 @@ from data_prep.score_stages import finish_unit, prepare_unit, scoring_chain
 from data_prep.scorers import ScorerConfig, validate_scorer_set
 from data_prep.semdedup import EmbeddingsConfig
 from data_prep.sources import SourceConfig, Unit, list_units
-from data_prep.writer import ShardConfig, atomic_write_json, remove_stale, write_shard
+from data_prep.writer import ShardConfig, remove_stale, write_shard
 
 WORK_DIR = "_work"
 LOG_DIR = "_logs"
@@ -339,35 +340,34 @@ def finish_source(
     for u in units:
         for ext, n in u["ignored_members"].items():
             ignored[ext] = ignored.get(ext, 0) + n
-    manifest = {
-        "source": src.name,
-        "kind": src.kind,
-        "task": src.task,
-        "format": src.format,
-        "path": src.path,
-        "schema_version": SCHEMA_VERSION,
-        "inputs": inputs,
-        "kept": kept,
-        "rejected": rejected,
-        "rejects_by_reason": dict(sorted(by_reason.items())),
-        "bytes": sum(s["bytes"] for s in stats),
-        "shards": [
-            {"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in stats
+    manifest = CuratedManifest(
+        source=src.name,
+        kind=src.kind,
+        task=src.task,
+        format=src.format,
+        path=src.path,
+        schema_version=SCHEMA_VERSION,
+        inputs=inputs,
+        kept=kept,
+        rejected=rejected,
+        rejects_by_reason=dict(sorted(by_reason.items())),
+        bytes=sum(s["bytes"] for s in stats),
+        shards=[
+            CuratedShard(name=s["shard"], samples=s["samples"], bytes=s["bytes"], sha256=s["sha256"]) for s in stats
         ],
-        "config_hash": chash,
-        "ignored_members": dict(sorted(ignored.items())),
-        "rejects": "rejects/rejects.parquet",
-    }
-    atomic_write_json(folder / "manifest.json", manifest)
+        config_hash=chash,
+        ignored_members=dict(sorted(ignored.items())),
+    )
+    manifest.write(folder / MANIFEST_NAME)
     seconds = sum(u["seconds"] for u in units)
-    return {**manifest, "seconds": seconds}
+    return {**manifest.to_dict(), "seconds": seconds}
 
 
 def invalidate_manifests(cfg: CurateConfig) -> None:
     """A manifest says its folder is complete; from the moment this run may replace shards until it writes
     its own, no manifest of an earlier run may vouch for the folder (a failed rerun leaves none, not a stale one)."""
     for src in cfg.sources:
-        (Path(cfg.out_dir) / src.name / "manifest.json").unlink(missing_ok=True)
+        (Path(cfg.out_dir) / src.name / MANIFEST_NAME).unlink(missing_ok=True)
 
 
 def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
@@ -431,14 +431,14 @@ def log_run(cfg: CurateConfig, results: list[dict[str, Any]], wall_s: float, res
         specs = {src.name: dataclasses.asdict(src) for src in cfg.sources}
         files = {r["source"]: r.get("input_files", []) for r in results}
         tracker.log_datasets([source_dataset(n, specs[n], files.get(n, [])) for n in specs], "source")
-        manifests = [Path(cfg.out_dir) / r["source"] / "manifest.json" for r in results]
+        manifests = [Path(cfg.out_dir) / r["source"] / MANIFEST_NAME for r in results]
         tracker.log_datasets([curated_dataset(m) for m in manifests], "output")
         if resolved is not None:
             tracker.log_artifact(resolved)
         tracker.log_metrics(source_metrics(results, wall_s))
         for r in results:
             folder = Path(cfg.out_dir) / r["source"]
-            tracker.log_artifact(folder / "manifest.json", f"manifests/{r['source']}")
+            tracker.log_artifact(folder / MANIFEST_NAME, f"manifests/{r['source']}")
             grid = grid_image([folder / s["name"] for s in r["shards"]], cfg.seed)
             if grid is not None:
                 tracker.log_image(grid, f"grids/{r['source']}.png")

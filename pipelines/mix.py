@@ -22,7 +22,8 @@ from common.config import config_hash, parse_job_args, save_resolved
 from common.lineage import curated_dataset, stage_dataset
 from common.ray_session import ray_session
 from common.tracking import TrackingConfig, build_tracker
-from data_prep.mixture import MANIFEST_NAME, StageConfig, build_stage_plan, load_source
+from data_prep.manifests import MANIFEST_NAME, StageManifest
+from data_prep.mixture import StageConfig, build_stage_plan, load_source
 from data_prep.precompute import PrecomputeConfig, precompute_config_encoder, run_precompute
 from data_prep.stage_shards import build_manifest, finalize_manifest, write_stage_shards
 
@@ -96,7 +97,7 @@ def source_dirs(cfg: MixConfig, stages: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def build_stage(cfg: MixConfig, name: str, sources: dict, chash: str) -> dict:
+def build_stage(cfg: MixConfig, name: str, sources: dict, chash: str) -> StageManifest:
     """Plan, write (and optionally precompute) one stage; returns its manifest."""
     stage = cfg.stages[name]
     plan = build_stage_plan(
@@ -104,10 +105,15 @@ def build_stage(cfg: MixConfig, name: str, sources: dict, chash: str) -> dict:
     )
     stage_dir = Path(cfg.out_dir) / cfg.recipe / name
     written = write_stage_shards(plan, sources, stage_dir, stage.caption_first_sentence, cfg.write_workers)
-    info = {"recipe": cfg.recipe, "config_hash": chash, "samples_per_shard": cfg.samples_per_shard}
-    manifest = build_manifest(plan, written, sources, info)
-    manifest["caption_first_sentence"]["fraction"] = stage.caption_first_sentence
-    extra: dict = {"precompute": None}
+    manifest = build_manifest(
+        plan,
+        written,
+        sources,
+        recipe=cfg.recipe,
+        config_hash=chash,
+        samples_per_shard=cfg.samples_per_shard,
+        caption_fraction=stage.caption_first_sentence,
+    )
     if cfg.precompute.kind != "none":
         cls, kwargs = precompute_config_encoder(cfg.precompute)
         encoded = run_precompute(
@@ -118,7 +124,7 @@ def build_stage(cfg: MixConfig, name: str, sources: dict, chash: str) -> dict:
             num_actors=cfg.precompute.num_actors,
             num_gpus_per_actor=cfg.precompute.num_gpus_per_actor,
         )
-        extra["precompute"] = {
+        precomputed = {
             "kind": cfg.precompute.kind,
             "field": cls.field,
             "encoder_path": cfg.precompute.encoder_path,
@@ -126,36 +132,36 @@ def build_stage(cfg: MixConfig, name: str, sources: dict, chash: str) -> dict:
             "encoded": sum(encoded.values()),
             "latent_scaled": False if cfg.precompute.kind == "vae" else None,
         }
-    finalize_manifest(stage_dir, manifest, extra)
-    return manifest
+        manifest = dataclasses.replace(manifest, precompute=precomputed)
+    return finalize_manifest(stage_dir, manifest)
 
 
-def ratio_table(manifests: dict[str, dict]) -> str:
+def ratio_table(manifests: dict[str, StageManifest]) -> str:
     """Realised vs target ratios per stage and group: whole set and worst shard."""
     lines = [f"{'stage':<14}{'group':<15}{'target':>9}{'realised':>10}{'count':>9}{'worst shard dev':>17}"]
     for stage, m in manifests.items():
-        for g, info in m["groups"].items():
+        for g, info in m.groups.items():
             lines.append(
                 f"{stage:<14}{g:<15}{info['target_ratio']:>9.4f}{info['realised_ratio']:>10.4f}"
                 f"{info['count']:>9d}{info['worst_shard_deviation']:>17.3f}"
             )
-        for p, ph in enumerate(m["phases"] if len(m["phases"]) > 1 else []):
+        for p, ph in enumerate(m.phases if len(m.phases) > 1 else []):
             pairs = ", ".join(f"{g} {ph['realised_ratios'][g]:.4f}/{t:.4f}" for g, t in ph["target_ratios"].items())
             lines.append(f"{'':<14}phase {p} [{ph['start']}, {ph['end']}): realised/target {pairs}")
     return "\n".join(lines)
 
 
-def log_stage(tracker, name: str, manifest: dict) -> None:
+def log_stage(tracker, name: str, manifest: StageManifest) -> None:
     metrics = {}
-    for g, info in manifest["groups"].items():
+    for g, info in manifest.groups.items():
         metrics[f"{name}/{g}/target_ratio"] = info["target_ratio"]
         metrics[f"{name}/{g}/realised_ratio"] = info["realised_ratio"]
         metrics[f"{name}/{g}/worst_shard_deviation"] = info["worst_shard_deviation"]
         for s, src in info["sources"].items():
             metrics[f"{name}/{g}/{s}/repeat_factor"] = src["repeat_factor"]
-    metrics[f"{name}/samples"] = manifest["samples"]
+    metrics[f"{name}/samples"] = manifest.samples
     tracker.log_metrics(metrics)
-    tracker.log_dict(manifest, f"manifests/{name}.json")
+    tracker.log_dict(manifest.to_dict(), f"manifests/{name}.json")
 
 
 def log_lineage(tracker, cfg: MixConfig, name: str, sources: dict) -> None:
@@ -176,7 +182,7 @@ def absolute_paths(cfg: MixConfig) -> MixConfig:
     return dataclasses.replace(cfg, curated_dir=local(cfg.curated_dir), out_dir=local(cfg.out_dir), precompute=pre)
 
 
-def run(cfg: MixConfig) -> dict[str, dict]:
+def run(cfg: MixConfig) -> dict[str, StageManifest]:
     """Write the chosen stages; returns their manifests by stage name."""
     stages = cfg.only or list(cfg.stages)
     chash = content_hash(cfg)
@@ -184,7 +190,7 @@ def run(cfg: MixConfig) -> dict[str, dict]:
     out_root = Path(cfg.out_dir) / cfg.recipe
     save_resolved(cfg, out_root)
     sources = {name: load_source(name, path.absolute()) for name, path in source_dirs(cfg, stages).items()}
-    manifests: dict[str, dict] = {}
+    manifests: dict[str, StageManifest] = {}
     tracker = build_tracker(
         cfg.tracking, "mix", jsonl_path=out_root / "mix.jsonl", tags={"janus.kind": "mix", "janus.recipe": cfg.recipe}
     )

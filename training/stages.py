@@ -9,7 +9,6 @@ schedule and a fresh optimizer. ``run_training(cfg)`` returns each stage's final
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import tarfile
@@ -21,6 +20,7 @@ from common.config import save_resolved, to_dict
 from common.lineage import REGISTERED_TAG, find_stage_model, register_model, stage_dataset
 from common.ray_session import ray_session
 from common.tracking import PARENT_ENV, pipeline_run, resolve_uri
+from data_prep.manifests import MANIFEST_NAME, StageManifest
 from model.weights import StageWeights
 from training.config import STAGE_NAMES, TrainConfig
 from training.progress import StageProgress, stage_summary
@@ -41,13 +41,11 @@ def stage_shard_paths(cfg: TrainConfig, stage: str) -> list[Path]:
 
 
 def count_samples(tars: Sequence[Path]) -> int:
-    """Samples in the stage: the stage manifest's count when present, else the keys in the tars."""
-    manifest = tars[0].parent / "manifest.json"
+    """Samples in the stage: the stage manifest's count when present (data_prep.manifests.StageManifest; one
+    of another version is an error naming the file), else the keys in the tars."""
+    manifest = tars[0].parent / MANIFEST_NAME
     if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        for key in ("samples", "num_samples", "total_samples"):
-            if isinstance(data.get(key), int):
-                return data[key]
+        return StageManifest.read(manifest).samples
     total = 0
     for tar in tars:
         with tarfile.open(tar) as f:
@@ -113,7 +111,7 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
     check_cpu_budget(cfg)
     n = count_samples(tars)
     workers = cfg.scaling.num_workers
-    manifest = tars[0].parent / "manifest.json"
+    manifest = tars[0].parent / MANIFEST_NAME
     loop = {
         "cfg": to_dict(cfg),
         "stage": stage,

@@ -1,22 +1,23 @@
 """Curated sources for the mixer's tests, written in tmp_path in the curation job's output contract.
 
 ``{root}/{source}/{source}-00000N.tar`` (samples per data_prep.schema) and ``{root}/{source}/manifest.json``
-with the fields pipelines.curate writes.
+written through data_prep.manifests.CuratedManifest, as curation writes it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from data_prep.schema import Sample, SampleMeta, Turn, encode_sample, make_key
+from data_prep.manifests import MANIFEST_NAME, CuratedManifest, CuratedShard, StageManifest, StageShard
+from data_prep.schema import SCHEMA_VERSION, Sample, SampleMeta, Turn, encode_sample, make_key
 from data_prep.shards import shard_name, write_tar
+from data_prep.stage_shards import finalize_manifest
 
 KIND_TASK = {
     "class_label": "class_label",
@@ -81,23 +82,23 @@ def write_source(root: Path, name: str, kind: str, n: int, per_shard: int = 25) 
         count = write_tar(path, (encode_sample(x) for x in samples[start : start + per_shard]))
         data = path.read_bytes()
         shards.append(
-            {"name": path.name, "samples": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            CuratedShard(name=path.name, samples=count, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         )
-    manifest = {
-        "source": name,
-        "kind": kind,
-        "task": KIND_TASK[kind],
-        "format": "webdataset",
-        "schema_version": 1,
-        "inputs": n,
-        "kept": n,
-        "rejected": 0,
-        "rejects_by_reason": {},
-        "bytes": sum(s["bytes"] for s in shards),
-        "shards": shards,
-        "config_hash": "fixture",
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    CuratedManifest(
+        source=name,
+        kind=kind,
+        task=KIND_TASK[kind],
+        format="webdataset",
+        path=str(folder),
+        schema_version=SCHEMA_VERSION,
+        inputs=n,
+        kept=n,
+        rejected=0,
+        rejects_by_reason={},
+        bytes=sum(s.bytes for s in shards),
+        shards=shards,
+        config_hash="fixture",
+    ).write(folder / MANIFEST_NAME)
     return folder
 
 
@@ -106,3 +107,32 @@ def write_toy_curated(root: Path, sizes: dict[str, int] | None = None) -> Path:
     for name, (kind, n) in TOY_SOURCES.items():
         write_source(root, name, kind, (sizes or {}).get(name, n))
     return root
+
+
+def write_stage_folder(folder: Path, samples: int = 4, names: tuple[str, ...] = ("a.tar", "b.tar")) -> list[Path]:
+    """Placeholder stage shards (not real tars) and a real stage manifest saying ``samples``: for tests of what
+    reads a stage folder without training on it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for name in names:
+        (folder / name).write_bytes(b"x" * 1024)
+        shards.append(StageShard(name=name, samples=samples // len(names), counts={"text": samples // len(names)}))
+    manifest = StageManifest(
+        recipe="fixture",
+        stage=folder.name,
+        config_hash="fixture",
+        seed=0,
+        samples=samples,
+        samples_per_shard=max(1, samples // len(names)),
+        shuffle_window=1,
+        groups={},
+        phases=[],
+        target_ratios={"text": 1.0},
+        realised_ratios={"text": 1.0},
+        worst_shard={},
+        caption_first_sentence={"chosen": 0, "truncated": 0, "fraction": 0.0},
+        source_manifests={},
+        shards=shards,
+    )
+    finalize_manifest(folder, manifest)
+    return sorted(folder.glob("*.tar"))

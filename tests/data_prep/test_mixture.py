@@ -57,7 +57,7 @@ def write(curated: Path, out: Path, cfg: StageConfig, *, shard: int = 64, window
     sources = {n: load_source(n, curated / n) for n in names}
     plan = build_stage_plan("stage", cfg, sources, samples_per_shard=shard, window=window, mix_seed=seed)
     written = write_stage_shards(plan, sources, out, cfg.caption_first_sentence)
-    manifest = build_manifest(plan, written, sources, {"recipe": "test"})
+    manifest = build_manifest(plan, written, sources, recipe="test", config_hash="test", samples_per_shard=shard)
     finalize_manifest(out, manifest)
     return plan, json.loads((out / "manifest.json").read_text())
 

@@ -7,19 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
+from common.config import ConfigError, load_config
+from tests.data_prep.mix_fixtures import write_stage_folder
 from training.config import TrainConfig
 from training.records import INPUTS_FILE, StageInputs, StageInputsChanged, check_stage_inputs
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "train" / "debug_janusflow.yaml"
 
 
-def _shards(folder: Path, manifest: str = '{"count": 4}') -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("a.tar", "b.tar"):
-        (folder / name).write_bytes(b"x" * 1024)
-    (folder / "manifest.json").write_text(manifest)
-    return sorted(folder.glob("*.tar"))
+def _shards(folder: Path, samples: int = 4) -> list[Path]:
+    return write_stage_folder(folder, samples)
 
 
 def _cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
@@ -54,7 +51,7 @@ def test_changed_inputs_are_refused_with_what_changed(tmp_path: Path, change: st
     check_stage_inputs(folder, StageInputs.of(_cfg(tmp_path), "I", None, tars), "I")
     overrides = {"recipe": ["stage.I.lr=5e-3"], "loss": ["model.janusflow.t_mu=0.0"]}.get(change, [])
     if change == "shards":
-        tars = _shards(tmp_path / "shards", '{"count": 5}')
+        tars = _shards(tmp_path / "shards", 5)
     if change == "vae":
         (tmp_path / "vae" / "config.json").write_text('{"refit": 1}')
     with pytest.raises(StageInputsChanged, match=named.replace(".", r"\.")) as err:
@@ -122,3 +119,9 @@ def test_stage_weights_record_round_trip_and_refusals(tmp_path: Path) -> None:
     done.write_text(json.dumps({**json.loads(done.read_text()), "flavor": "debug", "schema_version": 9}))
     with pytest.raises(WeightsRecordError, match="schema version 9"):
         StageWeights.read(tmp_path / "final")
+
+
+def test_a_recipe_with_the_old_fault_settings_is_refused(tmp_path: Path) -> None:
+    """Fault drills are armed through common.faults, never by a job's config: ``fault.*`` is an unknown key."""
+    with pytest.raises(ConfigError, match="fault"):
+        _cfg(tmp_path, "fault.kill_at_step=3")
