@@ -1,220 +1,35 @@
 """Fit the debug flavor's generation tokenizers on toy images: ``python -m pipelines.fit_tokenizers --config ...``.
 
-Reads images from the toy world's train splits (``digits``, ``shapes``, optionally ``photos``) and/or any
-curated shards folder (every ``*.tar`` under it), fits the Janus-Pro VQ and the JanusFlow VAE
-(model/fit_tokenizers.py) and writes ``{out_dir}/vq/`` and ``{out_dir}/vae/`` (``save_pretrained``,
-safetensors), ``{out_dir}/fit_tokenizers.json`` (PSNR before/after, codebook use) and reconstruction grids
-(``recon_vq.png``, ``recon_vae.png``: originals above reconstructions). Training picks them up with
+Fits the Janus-Pro VQ and/or the JanusFlow VAE (``training.tokenizers``) and writes ``{out_dir}/vq/``,
+``{out_dir}/vae/``, ``fit_tokenizers.json`` and reconstruction grids. Training picks them up with
 ``model.vq_path={out_dir}/vq`` and ``model.vae_path={out_dir}/vae``. Logged as the MLflow child run
 ``fit_tokenizers``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
+from common.config import parse_job_args
+from training.tokenizers import FitTokenizersConfig, TokenizerFitResult, run_fit_tokenizers
 
-from common.config import parse_job_args, save_resolved, to_flat_dict
-from common.tracking import TrackingConfig, build_tracker
-from evaluation.judges import judge_colour
-from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, vq_reconstruct
-from model.flavors import get_flavor
-from model.inference import image_grid, to_pil
-
-logger = logging.getLogger("pipelines.fit_tokenizers")
-
-TOY_SOURCES = ("digits", "shapes", "photos")
-
-
-@dataclass(kw_only=True)
-class FitOptions:
-    """Optimisation of one tokenizer."""
-
-    enabled: bool = True
-    """Fit this tokenizer (False skips it)."""
-    steps: int = 300
-    """Optimizer steps."""
-    lr: float = 2e-3
-    """Adam learning rate."""
-    batch_size: int = 16
-    """Images per step."""
-    foreground_weight: float = 4.0
-    """Extra reconstruction weight on pixels that differ from the image's border colour (0 = plain loss)."""
-    patch_colour_weight: float = 8.0
-    """VQ only: weight of the L2 loss on patch-mean colours (one patch per code); ignored for the VAE."""
-
-    def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"FitOptions.steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"FitOptions.lr must be positive, got {self.lr}")
-        if self.foreground_weight < 0 or self.patch_colour_weight < 0:
-            raise ValueError(
-                f"FitOptions.foreground_weight and patch_colour_weight must be >= 0, got "
-                f"{self.foreground_weight}, {self.patch_colour_weight}"
-            )
-
-
-@dataclass(kw_only=True)
-class FitTokenizersConfig:
-    out_dir: str = "outputs/tokenizers"
-    """Writes {out_dir}/vq/, {out_dir}/vae/, fit_tokenizers.json and reconstruction grids."""
-    flavor: str = "debug"
-    """Model flavor whose VQ/VAE dimensions are fitted."""
-    toyworld_dir: str | None = "outputs/toyworld"
-    """Toy world root; images come from {source}/train of each of toy_sources. None = not used."""
-    toy_sources: list[str] = field(default_factory=lambda: ["digits", "shapes"])
-    """Toy-world sources to read (digits, shapes, photos)."""
-    shards_dir: str | None = None
-    """Curated or stage shards folder: the images of every *.tar under it. None = not used."""
-    max_images_per_source: int = 600
-    """Seeded subset of at most this many images per source (shards_dir counts as one source)."""
-    seed: int = 0
-    """Seeds the subset, the initialisation and the batches."""
-    threads: int = 2
-    """torch intra-op threads (CPU)."""
-    vq: FitOptions = field(default_factory=FitOptions)
-    """Janus-Pro VQ fitting."""
-    vae: FitOptions = field(default_factory=FitOptions)
-    """JanusFlow VAE fitting."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    """Where the run is recorded."""
-
-    def __post_init__(self) -> None:
-        get_flavor(self.flavor)
-        bad = sorted(set(self.toy_sources) - set(TOY_SOURCES))
-        if bad:
-            raise ValueError(f"toy_sources: unknown {bad}; valid: {list(TOY_SOURCES)}")
-        if self.toyworld_dir is None and self.shards_dir is None:
-            raise ValueError("toyworld_dir and shards_dir are both None: no images to fit on")
-        if self.max_images_per_source <= 0:
-            raise ValueError(f"max_images_per_source must be positive, got {self.max_images_per_source}")
-
+log = logging.getLogger("pipelines.fit_tokenizers")
 
 CONFIG = FitTokenizersConfig
 
 
-def _toy_images(root: Path, source: str) -> list[bytes]:
-    split = root / source / "train"
-    if source == "digits":
-        return [p.read_bytes() for p in sorted((split / "images").glob("*.png"))]
-    if source == "shapes":
-        return [p.read_bytes() for p in sorted(split.glob("*.png"))]
-    import pyarrow.parquet as pq
-
-    return list(pq.read_table(split / "photos.parquet", columns=["image"]).column("image").to_pylist())
-
-
-def _shard_images(root: Path) -> list[bytes]:
-    import webdataset as wds
-
-    out = []
-    for tar in sorted(root.rglob("*.tar")):
-        for sample in wds.WebDataset(str(tar), shardshuffle=False):
-            data = next((sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-            if data is not None:
-                out.append(data)
-    return out
-
-
-def collect_images(cfg: FitTokenizersConfig) -> dict[str, list[bytes]]:
-    """Per source, a seeded subset of its training images (encoded bytes)."""
-    found: dict[str, list[bytes]] = {}
-    if cfg.toyworld_dir is not None:
-        for source in cfg.toy_sources:
-            found[source] = _toy_images(Path(cfg.toyworld_dir), source)
-    if cfg.shards_dir is not None:
-        found["shards"] = _shard_images(Path(cfg.shards_dir))
-    for name, images in found.items():
-        if not images:
-            raise FileNotFoundError(f"fit_tokenizers: no images found for {name}")
-        random.Random(f"{cfg.seed}:{name}").shuffle(images)
-        found[name] = images[: cfg.max_images_per_source]
-    return found
-
-
-@torch.no_grad()
-def roundtrip(kind: str, tokenizer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Pixels through the fitted tokenizer and back (VQ codes; VAE posterior mean), in [-1, 1]."""
-    if kind == "vq":
-        return vq_reconstruct(tokenizer, x)[0].clamp(-1, 1)
-    return tokenizer.decode(tokenizer.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-
-
-def recon_grid(kind: str, tokenizer: torch.nn.Module, x: torch.Tensor):
-    """Originals above their reconstructions."""
-    return image_grid([to_pil(p) for p in torch.cat([x, roundtrip(kind, tokenizer, x)])], cols=len(x))
-
-
-def colour_kept(kind: str, tokenizer: torch.nn.Module, images: list[bytes], size: int) -> float:
-    """Fraction of shape images whose judged colour survives the round trip through the tokenizer."""
-    x = image_tensor(images, size)
-    recon = roundtrip(kind, tokenizer, x)
-    return sum(judge_colour(to_pil(a)) == judge_colour(to_pil(b)) for a, b in zip(x, recon, strict=True)) / len(x)
-
-
-def fit_one(kind: str, cfg: FitTokenizersConfig, images: dict[str, list[bytes]], tracker) -> dict[str, float]:
-    opts = cfg.vq if kind == "vq" else cfg.vae
-    flavor = get_flavor(cfg.flavor)
-    every = max(1, opts.steps // 20)
-
-    def log(step: int, metrics: dict[str, float]) -> None:
-        if step % every == 0 or step == opts.steps:
-            tracker.log_metrics(metrics, step=step)
-
-    flat = [img for imgs in images.values() for img in imgs]
-    kwargs = {"batch_size": opts.batch_size, "foreground_weight": opts.foreground_weight, "log": log}
-    if kind == "vq":
-        colour = opts.patch_colour_weight
-        module, stats = fit_vq(flavor, flat, opts.steps, opts.lr, cfg.seed, patch_colour_weight=colour, **kwargs)
-    else:
-        module, stats = fit_vae(flavor, flat, opts.steps, opts.lr, cfg.seed, **kwargs)
-    out = Path(cfg.out_dir)
-    module.save_pretrained(out / kind, safe_serialization=True)
-    size = flavor.vq.image_size if kind == "vq" else flavor.flow.image_size
-    shown = image_tensor([imgs[i] for imgs in images.values() for i in range(min(6, len(imgs)))], size)
-    grid_path = out / f"recon_{kind}.png"
-    recon_grid(kind, module, shown).save(grid_path, format="PNG")
-    tracker.log_artifact(grid_path)
-    metrics = stats.as_metrics(kind)
-    if "shapes" in images:
-        metrics[f"{kind}/shape_colour_kept"] = colour_kept(kind, module, images["shapes"][:64], size)
-    tracker.log_metrics(metrics)
-    logger.info(
-        "%s: %d steps in %.0fs on %d images: PSNR %.1f -> %.1f dB %s -> %s",
-        kind, stats.steps, stats.seconds, len(flat), stats.psnr_before, stats.psnr_after, stats.extra, out / kind,
-    )  # fmt: skip
-    return metrics
-
-
-def run_fit_tokenizers(cfg: FitTokenizersConfig) -> dict[str, float]:
-    torch.set_num_threads(cfg.threads)
-    torch.set_flush_denormal(True)
-    out = Path(cfg.out_dir)
-    save_resolved(cfg, out)
-    images = collect_images(cfg)
-    results: dict[str, float] = {f"images/{k}": float(len(v)) for k, v in images.items()}
-    with build_tracker(cfg.tracking, "fit_tokenizers", jsonl_path=out / "metrics.jsonl") as tracker:
-        tracker.log_params(to_flat_dict(cfg))
-        for kind in ("vq", "vae"):
-            if getattr(cfg, kind).enabled:
-                results.update(fit_one(kind, cfg, images, tracker))
-        (out / "fit_tokenizers.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        tracker.log_artifact(out / "fit_tokenizers.json")
-        tracker.log_artifact(out / "config.resolved.yaml")
-    return results
+def run(cfg: FitTokenizersConfig) -> TokenizerFitResult:
+    """Fit, save and record the enabled tokenizers; where they went and their figures."""
+    return run_fit_tokenizers(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_job_args(FitTokenizersConfig, argv, prog="python -m pipelines.fit_tokenizers", doc=__doc__ or "")
-    run_fit_tokenizers(cfg)
+    result = run(cfg)
+    for kind, path in result.paths.items():
+        log.info("%s -> %s", kind, path)
     return 0
 
 

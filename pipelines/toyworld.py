@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from common.config import parse_job_args, save_resolved
 from data_prep.toyworld import ToyWorldConfig, build_toyworld
@@ -15,11 +16,17 @@ log = logging.getLogger("pipelines.toyworld")
 CONFIG = ToyWorldConfig
 
 
+def run(cfg: ToyWorldConfig) -> Path:
+    """Draw the toy world and save its resolved config beside it; its root folder."""
+    out = build_toyworld(cfg)
+    save_resolved(cfg, out)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_job_args(ToyWorldConfig, argv, prog="python -m pipelines.toyworld", doc=__doc__ or "")
     start = time.perf_counter()
-    out = build_toyworld(cfg)
-    save_resolved(cfg, out)
+    out = run(cfg)
     log.info("wrote %s in %.1fs (summary: %s)", out, time.perf_counter() - start, out / "toyworld.json")
     return 0
 

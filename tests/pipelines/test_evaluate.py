@@ -13,7 +13,7 @@ from PIL import Image
 from common.tracking import TrackingConfig
 from data_prep import toy_render
 from evaluation.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
-from pipelines.evaluate import EvalConfig, run_evaluate
+from evaluation.toy_eval import EvalConfig, run_evaluation
 from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.pipelines.eval_fixtures import make_checkpoint, small_world
 
@@ -70,11 +70,12 @@ def test_evaluate_end_to_end_random_checkpoint(world: Path, tmp_path: Path) -> N
         out_dir=str(tmp_path / "eval"),
         tracking=TrackingConfig(uri=uri, experiment="test-eval"),
     )
-    report = run_evaluate(cfg)
+    report = run_evaluation(cfg)
     out = tmp_path / "eval"
     saved = json.loads((out / "eval.json").read_text())
     results = saved["results"]
-    assert saved["family"] == "janus_pro" and results == json.loads(json.dumps(report["results"]))
+    assert saved["family"] == "janus_pro" and results == json.loads(json.dumps(report.results))
+    assert "understanding/digit" in report.table() and "janus_pro" in report.table()
     assert results["understanding/digit"]["n"] == 6 and results["understanding/digit"]["chance"] == pytest.approx(0.1)
     assert results["understanding/shape_colour"]["chance"] == pytest.approx(1 / 6)
     top = [
@@ -105,7 +106,7 @@ def test_evaluate_rejects_wrong_family(world: Path, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", "janus_pro")
     cfg = EvalConfig(checkpoint=str(ckpt), family="janusflow", toyworld_dir=str(world), out_dir=str(tmp_path / "e"))
     with pytest.raises(ValueError, match="family"):
-        run_evaluate(cfg)
+        run_evaluation(cfg)
 
 
 @pytest.mark.parametrize("weights", [{"janus": 5.0}, {"janusflow": 0.5}])

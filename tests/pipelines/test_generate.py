@@ -14,10 +14,10 @@ from model.family import get_family
 from model.inference import load_for_inference
 from model.janusflow_task import load_vae
 from model.tokenizer import build_debug_tokenizer
-from pipelines.fit_tokenizers import FitOptions, FitTokenizersConfig, run_fit_tokenizers
 from pipelines.generate import main as generate_main
 from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.pipelines.eval_fixtures import make_checkpoint, small_world
+from training.tokenizers import FitOptions, FitTokenizersConfig, run_fit_tokenizers
 
 
 @pytest.fixture(scope="module")
