@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_prep.curation import WORK_DIR, CurateConfig
 from data_prep.dedup import DedupConfig
 from data_prep.imaging import hamming
 from data_prep.process import staging_path
 from data_prep.sources import list_units
-from pipelines.curate import WORK_DIR, CurateConfig
 
 
 class MultiIndexHash:

@@ -229,8 +229,8 @@ def test_connected_components_name_their_first_sample():
 def test_ray_data_stages_agree_with_the_reference(ray_local):  # noqa: F811
     import ray
 
+    from data_prep.curation import configure_ray_data
     from data_prep.dedup_stages import dedup_decisions
-    from pipelines.curate import configure_ray_data
 
     configure_ray_data(False)
     for seed, cfg in enumerate([DedupConfig(), DedupConfig(max_hamming=2, exact=False, text=False)]):

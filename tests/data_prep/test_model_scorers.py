@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from common.tracking import TrackingConfig
 from data_prep.captions import LanguageChecker, repair_text
+from data_prep.curation import CurateConfig, run_curation
 from data_prep.filters import FilterConfig, filter_text
 from data_prep.model_scorers import (
     ClassifierScorer,
@@ -21,7 +22,6 @@ from data_prep.model_scorers import (
 )
 from data_prep.scorers import EMBEDDING, ScorerConfig, scorer_groups
 from data_prep.sources import SourceConfig
-from pipelines.curate import CurateConfig, run_curation
 from tests.data_prep.curate_fixtures import photo
 from tests.data_prep.model_fixtures import (
     EMBED_DIM,
