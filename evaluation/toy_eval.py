@@ -14,8 +14,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,8 +29,10 @@ from common.io import atomic_write_json
 from common.lineage import find_stage_model
 from common.tables import text_table
 from common.tracking import TrackingConfig, build_tracker
+from data_prep.schema import Sample, SampleMeta
 from data_prep.toy_render import COLORS, SHAPES
-from evaluation.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
+from evaluation.judges import build_digit_judge, judge_colour, load_questions, normalise_answer, read_digits
+from model.build import ModelConfig, build_collate, build_task
 from model.family import get_family
 from model.flavors import FAMILIES
 from model.inference import LoadedModel, answer, generate_images, image_grid, load_for_inference
@@ -58,6 +63,11 @@ class EvalConfig:
     its paper weight (Janus-Pro 5, JanusFlow 2)."""
     temperature: float = 1.0
     """Janus-Pro's image-token sampling temperature (the paper's: 1); JanusFlow ignores it."""
+    binding_samples: int = 50
+    """Prompt-binding probe: real eval digits whose generation loss is measured with their own prompt and with
+    another digit's (0 = no probe)."""
+    binding_t: float = 0.05
+    """JanusFlow's probe: the flow time of every sample (small t = mostly noise, where the prompt matters)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Sampling seeds; every generation prompt is sampled once per seed."""
     batch_size: int = 16
@@ -75,7 +85,9 @@ class EvalConfig:
         for name in ("num_samples", "batch_size", "max_new_tokens", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("digits_per_class", "shapes_per_prompt"):
+        if not 0.0 < self.binding_t < 1.0:
+            raise ValueError(f"EvalConfig.binding_t must be in (0, 1), got {self.binding_t}")
+        for name in ("digits_per_class", "shapes_per_prompt", "binding_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
         for family, weight in self.cfg_weight.items():
@@ -139,6 +151,41 @@ def evaluate_understanding(cfg: EvalConfig, lm: LoadedModel) -> tuple[dict[str, 
             "ratio_to_chance": acc / chance,
         }
     return results, records
+
+
+PROBE_TASK_SETTINGS = {"repa_weight": 0.0, "compute_metrics": True}
+"""Task settings of the probe where the task has them: the generation loss alone, per task."""
+
+
+@torch.no_grad()
+def prompt_binding(cfg: EvalConfig, lm: LoadedModel) -> dict[str, float]:
+    """The generation loss of real held-out digits with their own prompt and with another digit's (the same
+    images, noise and flow times): a model that uses the prompt has a clearly lower loss with the right one.
+    An unconditioned model shows no gap whatever its loss; an undertrained one a small gap at a high loss."""
+    digits = read_digits(Path(cfg.toyworld_dir), "eval")[: cfg.binding_samples]
+    model_cfg = ModelConfig(flavor=lm.flavor.name, family=lm.family, max_len=512)
+    task = build_task(lm.model, lm.flavor, model_cfg, vae=lm.vae)
+    settings = {**PROBE_TASK_SETTINGS, "t_mu": math.log(cfg.binding_t / (1 - cfg.binding_t)), "t_sigma": 1e-6}
+    task.cfg = dataclasses.replace(task.cfg, **{k: v for k, v in settings.items() if hasattr(task.cfg, k)})
+    task.eval()
+    collate = build_collate(lm.flavor, model_cfg, lm.tokenizer, seed=0, train=False)
+
+    def loss(label_of: Callable[[int], int]) -> float:
+        total = count = 0.0
+        for i in range(0, len(digits), cfg.batch_size):
+            samples = [
+                Sample(f"probe{j}", SampleMeta("probe", f"probe{j}", "t2i"), png, "png",
+                       text=f"a handwritten digit {label_of(label)}")
+                for j, (png, label) in enumerate(digits[i : i + cfg.batch_size], start=i)
+            ]  # fmt: skip
+            torch.manual_seed(i)  # the same noise and times for both prompts
+            _, metrics = task(collate(samples))
+            s, c = (float(v) for v in metrics["loss/t2i"])
+            total, count = total + s, count + c
+        return total / count
+
+    right, swapped = loss(lambda k: k), loss(lambda k: (k + 5) % 10)
+    return {"n": float(len(digits)), "right": right, "swapped": swapped, "gap": swapped - right}
 
 
 def _sampling(cfg: EvalConfig, lm: LoadedModel) -> dict[str, float | None]:
@@ -207,11 +254,20 @@ class EvalReport:
     """Every question asked: kind, question, expected, answer, correct."""
     seconds: float
     out_dir: str
+    prompt_binding: dict[str, float] = field(default_factory=dict)
+    """Generation loss of held-out digits with the right / a swapped prompt (``prompt_binding``)."""
     model_id: str | None = None
     """The MLflow logged model of the evaluated stage, when there is one (it carries these metrics too)."""
 
     def table(self) -> str:
-        return accuracy_table({self.family: self.results})
+        table = accuracy_table({self.family: self.results})
+        if not self.prompt_binding:
+            return table
+        p = self.prompt_binding
+        return (
+            f"{table}\nprompt binding ({int(p['n'])} digits): generation loss {p['right']:.4f} with the right "
+            f"prompt, {p['swapped']:.4f} with a swapped one (gap {p['gap']:+.4f})"
+        )
 
 
 def evaluate_checkpoint(cfg: EvalConfig) -> EvalReport:
@@ -229,7 +285,9 @@ def evaluate_checkpoint(cfg: EvalConfig) -> EvalReport:
         results["generation/digits"] = evaluate_digits(cfg, lm, out)
     if cfg.shapes_per_prompt:
         results["generation/shapes_colour"] = evaluate_shapes(cfg, lm, out)
+    binding = prompt_binding(cfg, lm) if cfg.binding_samples else {}
     report = EvalReport(
+        prompt_binding=binding,
         checkpoint=cfg.checkpoint,
         family=lm.family,
         flavor=lm.flavor.name,
@@ -250,6 +308,7 @@ def run_evaluation(cfg: EvalConfig) -> EvalReport:
     with build_tracker(cfg.tracking, "evaluate", jsonl_path=out / "metrics.jsonl") as tracker:
         tracker.log_params(to_flat_dict(cfg))
         tracker.log_metrics(result_metrics(report.results))
+        tracker.log_metrics({f"probe/prompt_binding/{k}": v for k, v in report.prompt_binding.items()})
         report.model_id = _logged_model(cfg)
         if report.model_id:  # the stage's logged model carries its evaluation too
             tracker.log_model_metrics(report.model_id, result_metrics(report.results))

@@ -13,7 +13,8 @@ from PIL import Image
 from common.tracking import TrackingConfig
 from data_prep import toy_render
 from evaluation.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
-from evaluation.toy_eval import EvalConfig, run_evaluation
+from evaluation.toy_eval import EvalConfig, prompt_binding, run_evaluation
+from model.inference import load_for_inference
 from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.pipelines.eval_fixtures import make_checkpoint, small_world
 
@@ -67,6 +68,7 @@ def test_evaluate_end_to_end_random_checkpoint(world: Path, tmp_path: Path) -> N
         shapes_per_prompt=1,
         seeds=[0],
         max_new_tokens=4,
+        binding_samples=8,
         out_dir=str(tmp_path / "eval"),
         tracking=TrackingConfig(uri=uri, experiment="test-eval"),
     )
@@ -76,6 +78,10 @@ def test_evaluate_end_to_end_random_checkpoint(world: Path, tmp_path: Path) -> N
     results = saved["results"]
     assert saved["family"] == "janus_pro" and results == json.loads(json.dumps(report.results))
     assert "understanding/digit" in report.table() and "janus_pro" in report.table()
+    # The probe scores the same images, noise and times under both prompts: a random model cannot tell them apart.
+    binding = report.prompt_binding
+    assert binding["n"] == 8 and binding["right"] > 1.0 and abs(binding["gap"]) < 1e-3 * binding["right"]
+    assert saved["prompt_binding"] == pytest.approx(binding) and "prompt binding (8 digits)" in report.table()
     assert results["understanding/digit"]["n"] == 6 and results["understanding/digit"]["chance"] == pytest.approx(0.1)
     assert results["understanding/shape_colour"]["chance"] == pytest.approx(1 / 6)
     top = [
@@ -98,6 +104,7 @@ def test_evaluate_end_to_end_random_checkpoint(world: Path, tmp_path: Path) -> N
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.run_name == "evaluate"
     assert "generation/digits/judge_accuracy_real_heldout" in run.data.metrics
+    assert run.data.metrics["probe/prompt_binding/right"] == pytest.approx(binding["right"])
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"eval.json", "digits_grid.png", "shapes_grid.png"} <= logged
 
@@ -118,3 +125,12 @@ def test_eval_config_rejects_bad_cfg_weight(weights: dict) -> None:
 def test_eval_config_rejects_bad_temperature() -> None:
     with pytest.raises(ValueError, match="temperature"):
         EvalConfig(temperature=0.0)
+
+
+def test_janusflow_prompt_binding_scores_both_prompts_at_one_flow_time(world: Path, tmp_path: Path) -> None:
+    lm = load_for_inference(make_checkpoint(tmp_path / "ckpt", "janusflow"))
+    cfg = EvalConfig(toyworld_dir=str(world), binding_samples=4, binding_t=0.05)
+    binding = prompt_binding(cfg, lm)
+    assert binding["n"] == 4 and binding["right"] > 0.1 and abs(binding["gap"]) < 1e-3 * binding["right"]
+    later = prompt_binding(EvalConfig(toyworld_dir=str(world), binding_samples=4, binding_t=0.9), lm)
+    assert abs(later["right"] - binding["right"]) > 1e-3  # the flow time is the one asked for
