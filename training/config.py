@@ -99,25 +99,6 @@ class ScalingConfig:
 
 
 @dataclass(kw_only=True)
-class FaultConfig:
-    """Fault drills: prove that a lost worker is restarted and resumes (tests, game days)."""
-
-    kill_at_step: int = 0
-    """After this optimizer step (and its checkpoint, if one falls there) a worker dies by SIGKILL. 0 = off."""
-    kill_rank: int = 0
-    """Which rank dies."""
-    stage: str = "I"
-    """In which stage."""
-    kill_job_during_save_at_step: int = 0
-    """The whole job dies by SIGKILL (the driver's process group) in the middle of this step's checkpoint save:
-    the other ranks' files are in storage, half of kill_rank's shard is, the checkpoint is not registered. 0 = off."""
-
-    def __post_init__(self) -> None:
-        if self.kill_at_step < 0 or self.kill_rank < 0 or self.kill_job_during_save_at_step < 0:
-            raise ValueError(f"fault.kill_at_step, kill_rank and kill_job_during_save_at_step must be >= 0 ({self})")
-
-
-@dataclass(kw_only=True)
 class RegistryConfig:
     name: str | None = None
     """MLflow Model Registry name: the run's last stage registers its logged model as a new version, tagged
@@ -166,8 +147,6 @@ class TrainConfig:
     """JanusFlow: EMA of the trainable weights (the released model is the EMA); 0 = off."""
     mfu_peak_tflops: float = 0.0
     """Peak TFLOP/s of one device for the MFU metric; 0 = known GPUs by name (none on CPU)."""
-    fault: FaultConfig = field(default_factory=FaultConfig)
-    """Injected failures (off by default)."""
 
     def __post_init__(self) -> None:
         for s in self.stages:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from common import faults
 from common.config import config_from_dict
 from common.lineage import STAGE_DIR_TAG
 from common.tracking import DatasetRef, Tracker, build_tracker, system_metrics
@@ -56,6 +57,11 @@ from training.parallelize import compute_dtype, init_process_group
 from training.step import TrainStep, build_optimizer, parallelize_task
 
 log = logging.getLogger("training.runner")
+
+STEP_END_POINT = "train.step_end"
+"""Fault point after each optimizer step (and its checkpoint); context: stage, rank, step."""
+UPLOAD_POINT = "train.checkpoint_upload"
+"""Fault point at each checkpoint save; context: stage, rank, step, pgid (the driver's process group)."""
 
 
 def lr_lambda(stage: StageConfig) -> Callable[[int], float]:
@@ -274,48 +280,31 @@ class StageRunner:
         return tracker.log_model(folder, f"{self.cfg.name}-stage_{self.stage}", tags=tags, step=self.state.step)
 
     def report(self, metrics: dict[str, float], checkpoint: bool, driver_pgid: int = 0) -> None:
-        """``ray.train.report`` from every rank; with a checkpoint, each rank hands over its own files."""
+        """``ray.train.report`` from every rank; with a checkpoint, each rank hands over its own files.
+
+        Fault point ``train.checkpoint_upload`` (stage, rank, step, pgid = the driver's process group): a
+        ``raise``/``kill``/``kill_group`` drill fires before the save; a ``custom`` one kills the whole job in
+        the middle of the upload (:func:`kill_job_mid_upload`)."""
         import ray.train
 
         if not checkpoint:
             ray.train.report(metrics)
             return
+        context = {"stage": self.stage, "rank": self.rank, "step": self.state.step, "pgid": driver_pgid}
+        faults.point(UPLOAD_POINT, **context)
         with tempfile.TemporaryDirectory(prefix="janus-ckpt-") as tmp:
             save_checkpoint(tmp, self.task, self.optimizer, self.scheduler, self.state, self.extra_state())
-            upload = self._fault_upload(driver_pgid)
+            upload = self._drill_upload(driver_pgid, context)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload)
 
-    def _fault_upload(self, driver_pgid: int) -> Callable[..., Any] | None:
-        """The upload that kills the whole job mid-save, when the fault drill says so (once: a marker remembers)."""
-        fault = self.cfg.fault
-        step = self.state.step
-        if (fault.stage, fault.kill_rank, fault.kill_job_during_save_at_step) != (self.stage, self.rank, step):
-            return None
-        marker = self.out_dir / f"fault_job_killed_during_save_step{step}"
-        if marker.exists() or not driver_pgid:
+    def _drill_upload(self, driver_pgid: int, context: dict[str, Any]) -> Callable[..., Any] | None:
+        """The upload that kills the whole job mid-save, when a ``custom`` drill is armed here (None otherwise)."""
+        drill = faults.matching(UPLOAD_POINT, **context) if driver_pgid else None
+        if drill is None or drill.action != "custom":
             return None
         return functools.partial(
-            kill_job_mid_upload,
-            dest_root=self.out_dir,
-            rank=self.rank,
-            world=self.world,
-            pgid=driver_pgid,
-            marker=marker,
+            kill_job_mid_upload, dest_root=self.out_dir, rank=self.rank, world=self.world, pgid=driver_pgid
         )
-
-
-def maybe_inject_fault(cfg: TrainConfig, stage: str, rank: int, step: int, stage_dir: Path) -> None:
-    """Kill this worker once (a marker file remembers) when the fault drill says so."""
-    fault = cfg.fault
-    if not fault.kill_at_step or (fault.stage, fault.kill_rank, fault.kill_at_step) != (stage, rank, step):
-        return
-    marker = stage_dir / f"fault_injected_step{step}_rank{rank}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("killed here by the fault drill\n")
-    log.warning("fault drill: killing rank %d of stage %s after step %d", rank, stage, step)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resume_from(runner: StageRunner, registered: Any) -> None:
@@ -336,9 +325,7 @@ def resume_from(runner: StageRunner, registered: Any) -> None:
             runner.restore(path)
 
 
-def kill_job_mid_upload(
-    checkpoint: Any, dir_name: str, *, dest_root: Path, rank: int, world: int, pgid: int, marker: Path
-) -> None:
+def kill_job_mid_upload(checkpoint: Any, dir_name: str, *, dest_root: Path, rank: int, world: int, pgid: int) -> None:
     """Fault drill (a ``checkpoint_upload_fn``): wait until the other ranks' files of this checkpoint are in
     storage, copy half of this rank's shard beside them, then SIGKILL the driver's process group and this worker:
     the job dies in the middle of a save, as on a lost head node."""
@@ -352,7 +339,6 @@ def kill_job_mid_upload(
     data = own.read_bytes()
     dest.mkdir(parents=True, exist_ok=True)
     (dest / own.name).write_bytes(data[: len(data) // 2])
-    marker.write_text(f"job killed while saving {dir_name}\n")
     log.warning("fault drill: killing the job (process group %d) while saving %s", pgid, dir_name)
     os.killpg(pgid, signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -360,7 +346,7 @@ def kill_job_mid_upload(
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train entry point: ``loop`` = {"cfg": resolved TrainConfig dict, "stage", "init_weights",
-    "samples_per_rank", "stage_dir", "driver_pgid" (the fault drill's target)}."""
+    "samples_per_rank", "stage_dir", "driver_pgid" (the job-killing fault drill's target)}."""
     import ray.train
     import ray.train.torch
 
@@ -386,7 +372,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 def run_stage_loop(
     runner: StageRunner, tracker: Tracker, cfg: TrainConfig, stage: str, driver_pgid: int, batches: Iterator
 ) -> None:
-    """Train the stage to its end: log, checkpoint, preview, inject drill faults, publish the result."""
+    """Train the stage to its end: log, checkpoint, preview, publish the result.
+
+    Fault point ``train.step_end`` (stage, rank, step): after each optimizer step and its checkpoint; a ``kill``
+    drill there is a worker lost mid-stage (Ray Train restarts the group, which resumes from the checkpoint)."""
     scfg = runner.scfg
     if runner.state.step == 0:
         tracker.log_params(
@@ -413,6 +402,6 @@ def run_stage_loop(
             runner.report({"step": step, "loss": metrics["loss"]}, True, driver_pgid)
         if cfg.sample_every and step % cfg.sample_every == 0 and not last:
             runner.publish(tracker, final=False)
-        maybe_inject_fault(cfg, stage, runner.rank, step, runner.out_dir)
+        faults.point(STEP_END_POINT, stage=stage, rank=runner.rank, step=step)  # a drill may SIGKILL us here
     runner.publish(tracker, final=True)
     tracker.log_metrics({"stage_done": 1.0}, step=runner.state.step)

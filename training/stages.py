@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from common import faults
 from common.config import save_resolved, to_dict
 from common.lineage import REGISTERED_TAG, find_stage_model, register_model, stage_dataset
 from common.ray_session import ray_session
@@ -134,6 +135,8 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
             storage_path=str(Path(cfg.checkpoint.dir).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            # Armed fault drills reach the workers even when this job joined a Ray started before they were armed.
+            worker_runtime_env={"env_vars": faults.env_vars()} if faults.env_vars() else None,
         ),
         datasets={"train": build_stage_dataset(tars)},
         # Deterministic order and split: a resumed worker skips exactly the rows it had consumed.

@@ -10,7 +10,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from common import faults
 from common.config import load_config
+from common.faults import Fault
 from data_prep.schema import encode_sample
 from data_prep.shards import write_tar
 from model.build import build_model, resolve_family
@@ -148,9 +150,13 @@ def test_killed_worker_resumes_with_identical_losses(ray_local, stage_data: Path
     common = ["stages=[I]", "stage.I.steps=4", "checkpoint.every_steps=2", "scaling.max_failures=2"]
     clean = _cfg(tmp_path / "clean", stage_data, *common, "name=clean")
     run_training(clean)
-    faulty = _cfg(tmp_path / "faulty", stage_data, *common, "name=faulty", "fault.kill_at_step=3", "fault.kill_rank=1")
-    run_training(faulty)
-    assert (stage_dir(faulty, "I") / "fault_injected_step3_rank1").is_file(), "the drill did not fire"
+    faulty = _cfg(tmp_path / "faulty", stage_data, *common, "name=faulty")
+    # Ray (the module's fixture) started before the drill was armed: it reaches the workers via their runtime_env.
+    marker = tmp_path / "fault_killed_rank1_after_step3"
+    drill = Fault("train.step_end", "kill", when={"stage": "I", "rank": 1, "step": 3}, once=str(marker))
+    with faults.arm(drill):
+        run_training(faulty)
+    assert "pid" in marker.read_text(), "the drill did not fire"
 
     def losses(cfg: TrainConfig) -> dict[int, list[float]]:
         out: dict[int, list[float]] = {}

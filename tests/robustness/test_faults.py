@@ -23,6 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common import faults
+from common.faults import Fault
 from common.tracking import TrackingConfig
 from data_prep.schema import encode_sample
 from data_prep.shards import write_tar
@@ -91,7 +93,8 @@ def _stage_data(root: Path) -> Path:
 
 
 def _train(tmp: Path, data: Path, timeout: float) -> int:
-    """``python -m pipelines.train`` in its own session, on its own Ray instance; returns its exit status."""
+    """``python -m pipelines.train`` in its own session, on its own Ray instance (inheriting the armed fault
+    drills); returns its exit status."""
     args = [
         f"data_root={data}",
         f"checkpoint.dir={tmp / 'ckpt'}",
@@ -108,8 +111,6 @@ def _train(tmp: Path, data: Path, timeout: float) -> int:
         "stage.I.lr=0.001",
         "export=false",
         "preview.prompts=[a red circle]",
-        "fault.kill_job_during_save_at_step=4",
-        "fault.kill_rank=1",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp / "train.log", "ab")  # noqa: SIM115 - closed below
@@ -147,9 +148,13 @@ def _losses(stage_dir: Path) -> list[tuple[int, float]]:
 def test_job_killed_during_checkpoint_save_resumes_from_last_complete(tmp_path: Path) -> None:
     data = _stage_data(tmp_path / "data")
     stage_dir = tmp_path / "ckpt" / "killed-stage_I"
-    status = _train(tmp_path, data, timeout=420)
+    marker = tmp_path / "fault_job_killed_during_save_step4"
+    # custom: the runner kills the driver's process group once the other rank's files and half of rank 1's are up
+    drill = Fault("train.checkpoint_upload", "custom", when={"stage": "I", "rank": 1, "step": 4}, once=str(marker))
+    with faults.arm(drill):
+        status = _train(tmp_path, data, timeout=420)
     assert status == -signal.SIGKILL, (tmp_path / "train.log").read_text()[-3000:]
-    assert (stage_dir / "fault_job_killed_during_save_step4").is_file(), "the drill did not fire"
+    assert marker.is_file(), "the drill did not fire"
     # in storage: step 2 whole; step 4's folder holds rank 0's files and half of rank 1's shard. Ray may not
     # have registered step 2 yet (its controller polls): the rerun must find it on its own.
     ckpts = [p for p in stage_dir.glob("checkpoint_*") if p.is_dir()]
@@ -161,7 +166,8 @@ def test_job_killed_during_checkpoint_save_resumes_from_last_complete(tmp_path: 
     assert latest_complete_checkpoint(stage_dir) == states[2]
     assert not (stage_dir / "final").exists()
 
-    status = _train(tmp_path, data, timeout=420)  # the same command again
+    with faults.arm(drill):  # the same command again: the drill has fired once, its marker says so
+        status = _train(tmp_path, data, timeout=420)
     assert status == 0, (tmp_path / "train.log").read_text()[-3000:]
     steps = [s for s, _ in _losses(stage_dir)]
     assert steps == [1, 2, 3, 4, 3, 4, 5, 6], "resumed from step 2, the last complete checkpoint"
