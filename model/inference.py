@@ -131,15 +131,17 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
 
 
-def image_grid(images: Sequence[Image.Image], cols: int, pad: int = 2) -> Image.Image:
-    """Images (same size) in rows of ``cols`` on a grey background."""
+def image_grid(
+    images: Sequence[Image.Image], cols: int, pad: int = 2, background: tuple[int, int, int] = (128, 128, 128)
+) -> Image.Image:
+    """Images (same size) in rows of ``cols``, ``pad`` pixels apart on a ``background`` (grey) canvas."""
     if not images:
         raise ValueError("image_grid needs at least one image")
     w, h = images[0].size
     rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (128, 128, 128))
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), background)
     for i, img in enumerate(images):
-        grid.paste(img, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
+        grid.paste(img.convert("RGB"), (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
     return grid
 
 

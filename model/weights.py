@@ -10,12 +10,12 @@ Written by the training job (rank 0, atomically: a folder is complete or absent)
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+from common.io import atomic_path
 
 WEIGHTS_FILE = "model.safetensors"
 DONE_FILE = "stage_done.json"
@@ -67,14 +67,10 @@ class StageWeights:
         from safetensors.torch import save_file
 
         out = Path(folder)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / WEIGHTS_FILE))
-        (tmp / DONE_FILE).write_text(json.dumps(asdict(self), indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+            (tmp / DONE_FILE).write_text(json.dumps(asdict(self), indent=1))
         return out
 
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from common.tracking import Tracker
 from model.build import build_model
 from model.flavors import FlavorConfig
+from model.inference import image_grid, to_pil
+
+PREVIEW_COLUMNS = 4
 
 
 @dataclass(kw_only=True)
@@ -36,20 +37,6 @@ class PreviewConfig:
     """Sampling seed, fixed so previews are comparable across steps."""
     max_new_tokens: int = 16
     """Longest answer."""
-
-
-def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
-
-
-def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (w * columns, h * rows), (255, 255, 255))
-    for i, img in enumerate(images):
-        grid.paste(img.convert("RGB"), ((i % columns) * w, (i // columns) * h))
-    return grid
 
 
 def unsharded_model(flavor: FlavorConfig, family: str, weights: dict[str, torch.Tensor], device: torch.device):
@@ -77,10 +64,10 @@ def run_previews(
     special = special_ids(tokenizer)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # a sampler drawing on a GPU reseeds one there
     pixels = get_family(family).sample(model, vae, tokenizer, special, cfg.prompts, generator=gen)
-    images = _to_pil(pixels)
+    images = [to_pil(p) for p in pixels]
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = out_dir / f"preview_step{step:07d}.png"
-    image_grid(images).save(grid_path)
+    image_grid(images, cols=PREVIEW_COLUMNS, pad=0, background=(255, 255, 255)).save(grid_path)
     pngs = []
     for img in images:
         buf = io.BytesIO()

@@ -9,16 +9,15 @@ stale weights. The next stage chains its predecessor's hash into its own inputs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.config import to_dict
+from common.io import atomic_write_json, file_sha256, folder_sha256, json_sha256
 from training.config import TrainConfig
 
 log = logging.getLogger("training.records")
@@ -29,17 +28,6 @@ SCHEMA_VERSION = 1
 
 class StageInputsChanged(ValueError):
     """A stage folder holds work done from other inputs than the ones asked for now (or an unreadable record)."""
-
-
-def folder_sha256(path: Path) -> str | None:
-    """Hash of a small folder's (or file's) contents; None when it is not there (the job reports that)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if not all(f.is_file() for f in files):
-        return None
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0" + f.read_bytes())
-    return digest.hexdigest()
 
 
 def _differences(old: object, new: object, prefix: str = "") -> list[str]:
@@ -85,10 +73,10 @@ class StageInputs:
             "start": start,
             "shards": {
                 "files": [[t.name, t.stat().st_size] for t in tars],
-                "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+                "manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
             },
         }
-        return cls(hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest(), inputs)
+        return cls(json_sha256(inputs), inputs)
 
     @classmethod
     def read(cls, folder: Path) -> StageInputs:
@@ -110,12 +98,8 @@ class StageInputs:
 
     def write(self, folder: Path) -> None:
         """Atomically (a temporary file renamed)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / INPUTS_FILE
-        tmp = path.with_name(path.name + ".tmp")
         record = {"schema_version": self.schema_version, "sha256": self.sha256, "inputs": self.inputs}
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(Path(folder) / INPUTS_FILE, record, indent=1)
 
     def differences(self, other: StageInputs) -> list[str]:
         """The dotted keys whose values differ (e.g. ``stage.lr``, ``shards.manifest_sha256``)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, load_config
+from common.io import folder_sha256, json_sha256
 from tests.data_prep.mix_fixtures import write_stage_folder
 from training.config import TrainConfig
 from training.records import INPUTS_FILE, StageInputs, StageInputsChanged, check_stage_inputs
@@ -125,3 +126,14 @@ def test_a_recipe_with_the_old_fault_settings_is_refused(tmp_path: Path) -> None
     """Fault drills are armed through common.faults, never by a job's config: ``fault.*`` is an unknown key."""
     with pytest.raises(ConfigError, match="fault"):
         _cfg(tmp_path, "fault.kill_at_step=3")
+
+
+def test_hashes_are_those_earlier_versions_recorded(tmp_path: Path) -> None:
+    """The hashes records hold (now from common.io) are the ones earlier versions wrote, pinned: stage folders
+    trained before must not look changed to a rerun."""
+    inputs = {"b": 1, "a": [Path("/p"), 2.5], "c": {"z": None, "y": "é"}}
+    assert json_sha256(inputs) == "3f527622bd2fee8792309bbe6cf25bb551652a4e736323fe15b7c5eb35ff3b39"
+    (tmp_path / "vq" / "sub").mkdir(parents=True)
+    (tmp_path / "vq" / "config.json").write_text("{}")
+    (tmp_path / "vq" / "sub" / "w.bin").write_bytes(b"\x00\x01" * 100)
+    assert folder_sha256(tmp_path / "vq") == "098f845757e2ee5394c52ce6cf499aec2115fcbd6ec1dbe6a1c1665801b0161a"

@@ -30,6 +30,7 @@ from data_prep.schema import encode_sample
 from data_prep.shards import write_tar
 from data_prep.sources import SourceConfig
 from data_prep.writer import ShardConfig
+from model.weights import DONE_FILE
 from pipelines.curate import CurateConfig, ExecConfig, run_curation
 from tests.data_prep.curate_fixtures import ray_local, write_jsonl  # noqa: F401
 from training.checkpoint import checkpoint_step, latest_complete_checkpoint
@@ -176,7 +177,7 @@ def test_job_killed_during_checkpoint_save_resumes_from_last_complete(tmp_path: 
         losses.setdefault(step, []).append(loss)
     for step in (3, 4):  # the steps redone after the resume see the same weights, data and RNG
         assert losses[step][1] == pytest.approx(losses[step][0], rel=1e-6)
-    assert json.loads((stage_dir / "final" / "stage_done.json").read_text())["steps"] == 6
+    assert json.loads((stage_dir / "final" / DONE_FILE).read_text())["steps"] == 6
 
 
 def test_latest_complete_checkpoint_skips_partial_folders(tmp_path: Path) -> None:
