@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from common import faults
 from common.tracking import TrackingConfig
 from data_prep.captions import check_languages
 from data_prep.decide import decide_units, plan_path, plan_sources, shard_members
@@ -44,7 +44,7 @@ from data_prep.dedup import DedupConfig
 from data_prep.imaging import ImageConfig
 from data_prep.manifests import MANIFEST_NAME, CuratedManifest, CuratedShard
 from data_prep.model_scorers import check_scorers
-from data_prep.process import InjectedFailure, process_unit, staging_path
+from data_prep.process import process_unit, staging_path
 from data_prep.schema import SCHEMA_VERSION
 from data_prep.score_stages import finish_unit, prepare_unit, scoring_chain
 from data_prep.scorers import ScorerConfig, validate_scorer_set
@@ -54,6 +54,9 @@ from data_prep.writer import ShardConfig, remove_stale, write_shard
 
 WORK_DIR = "_work"
 LOG_DIR = "_logs"
+DRILL_UNIT = "curate.unit"
+"""Fault-drill point (common.faults) at the start of each unit's processing task; context ``unit``: the job-wide
+unit number (units of all sources in config order)."""
 SHUFFLES = ("sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2")
 
 
@@ -67,12 +70,6 @@ class ExecConfig:
     """Keep the staging folder {out}/_work after a successful run (it is what makes a rerun resume)."""
     progress: bool = True
     """Show Ray Data progress bars."""
-    fail_at_unit: int = -1
-    """Fault injection for tests: the task processing this job-wide unit number raises (-1: off)."""
-    fail_at_shard: int = -1
-    """Fault injection for tests: this job-wide shard number raises after its tar, before its stats (-1: off)."""
-    kill_at_unit: int = -1
-    """Fault drill: the Ray worker processing this job-wide unit number dies by SIGKILL, once (-1: off)."""
     dedup_rows_per_task: int = 200_000
     """Rows one dedup task handles (partitions = rows / this): a task's memory stays flat as the corpus grows."""
     shuffle: str = "sort_shuffle_pull_based"
@@ -157,32 +154,21 @@ def _unit_context(cfg: CurateConfig, work: Path) -> dict[str, Any]:
         "sources": {s.name: s for s in cfg.sources},
         "image": cfg.image,
         "work": str(work),
-        "fail_at_unit": cfg.exec.fail_at_unit,
-        "kill_at_unit": cfg.exec.kill_at_unit,
     }
 
 
-def kill_worker_once(marker: Path) -> None:
-    """The fault drill: SIGKILL this Ray worker, once (the marker remembers), as an OOM killer or a lost node
-    would; Ray retries the task on another worker."""
-    if marker.exists():
-        return
-    marker.write_text("killed here by the fault drill\n")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _inject_faults(gid: int, ctx: dict[str, Any]) -> None:
-    if gid == ctx["fail_at_unit"]:
-        raise InjectedFailure(f"injected failure in job unit {gid}")
-    if gid == ctx["kill_at_unit"]:
-        kill_worker_once(Path(ctx["work"]) / f"fault_killed_unit{gid}")
+def drill_env() -> dict[str, Any]:
+    """The Ray Data map arguments that carry armed fault drills (common.faults) to the tasks, also when this job
+    joined a Ray started before they were armed; none when no drill is armed (production)."""
+    env = faults.env_vars()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def run_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str, list]:
     """Ray Data task: process and stage the units of a batch (no scorers)."""
     out: dict[str, list] = {"summary": []}
     for text, gid in zip(batch["unit"], batch["gid"], strict=True):
-        _inject_faults(int(gid), ctx)
+        faults.point(DRILL_UNIT, unit=int(gid))
         unit = Unit.from_json(str(text))
         summary = process_unit(unit, ctx["sources"][unit.source], ctx["image"], ctx["work"])
         out["summary"].append(json.dumps(summary, sort_keys=True))
@@ -193,7 +179,7 @@ def prepare_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> di
     """Ray Data task: the first stage of the scoring chain (read and prepare whole units)."""
     out: dict[str, list] = {"unit": [], "gid": [], "payload": [], "summary": []}
     for text, gid in zip(batch["unit"], batch["gid"], strict=True):
-        _inject_faults(int(gid), ctx)
+        faults.point(DRILL_UNIT, unit=int(gid))
         unit = Unit.from_json(str(text))
         payload, summary = prepare_unit(unit, ctx["sources"][unit.source], ctx["image"])
         out["unit"].append(str(text))
@@ -240,12 +226,13 @@ def process_all_units(cfg: CurateConfig, units: list[Unit], work: Path) -> list[
         configure_ray_data(cfg.exec.progress, cfg.exec.shuffle)
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         languages = any(s.filters.languages for s in cfg.sources)
+        drills = drill_env()
         if cfg.scorers or languages:
-            ds = ds.map_batches(prepare_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1)
+            ds = ds.map_batches(prepare_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1, **drills)
             ds = scoring_chain(ds, cfg.scorers, cfg.embeddings.scorer, ctx["sources"], cfg.exec.scorer_actors)
-            ds = ds.map_batches(finish_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1)
+            ds = ds.map_batches(finish_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1, **drills)
         else:
-            ds = ds.map_batches(run_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1)
+            ds = ds.map_batches(run_units_batch, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=1, **drills)
         ds.take_all()
     return [_unit_summary(work, u) for u in units]
 
@@ -256,7 +243,7 @@ def _unit_summary(work: Path, unit: Unit) -> dict[str, Any]:
 
 
 def write_shards_batch(
-    batch: dict[str, np.ndarray], work: str, out: str, config_hash: str, fail_at: list | None, embeddings: bool
+    batch: dict[str, np.ndarray], work: str, out: str, config_hash: str, first: dict[str, int], embeddings: bool
 ) -> dict[str, list]:
     """Ray Data task: write the shards of a batch of shard-plan rows (data_prep.decide.write_shard_plan)."""
     stats = []
@@ -269,7 +256,7 @@ def write_shards_batch(
             "members": members,
             "keys_digest": digest,
             "config_hash": config_hash,
-            "fail": [source, index] == fail_at,
+            "job_shard": first[source] + index,
             "embeddings": embeddings,
         }
         stats.append(json.dumps(write_shard(spec, work, out)))
@@ -282,26 +269,27 @@ def write_all_shards(
     """Every planned shard, one Ray task each, from the plan files; returns their stats (per-shard summaries)."""
     import ray
 
-    fail_at, first = None, 0  # exec.fail_at_shard counts shards over all sources in config order
+    first: dict[str, int] = {}  # each source's first job-wide shard number: shards count over all sources in
+    total = 0  # config order (what the "curate.shard" drill point reports)
     for src in cfg.sources:
-        n = plans[src.name]["shards"]
-        if first <= cfg.exec.fail_at_shard < first + n:
-            fail_at = [src.name, cfg.exec.fail_at_shard - first]
-        first += n
-    if first == 0:
+        first[src.name] = total
+        total += plans[src.name]["shards"]
+    if total == 0:
         return []
     paths = [str(plan_path(str(work), s.name)) for s in cfg.sources if plans[s.name]["shards"]]
-    ds = ray.data.read_parquet(paths).repartition(first)
+    ds = ray.data.read_parquet(paths).repartition(total)
     kwargs = {
         "work": str(work),
         "out": cfg.out_dir,
         "config_hash": chash,
-        "fail_at": fail_at,
+        "first": first,
         "embeddings": cfg.embeddings.write,
     }
     stats = [
         json.loads(r["stats"])
-        for r in ds.map_batches(write_shards_batch, batch_size=1, num_cpus=1, fn_kwargs=kwargs).take_all()
+        for r in ds.map_batches(
+            write_shards_batch, batch_size=1, num_cpus=1, fn_kwargs=kwargs, **drill_env()
+        ).take_all()
     ]
     return sorted(stats, key=lambda s: (s["source"], s["shard"]))
 

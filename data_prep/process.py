@@ -65,10 +65,6 @@ _DETAIL_MAX = 300
 _ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-class InjectedFailure(RuntimeError):
-    """Raised on purpose by fault-injection settings (tests of resume)."""
-
-
 @dataclass
 class Candidate:
     """A sample that passed validation and the pre-scoring filters."""

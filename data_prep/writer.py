@@ -26,10 +26,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common import faults
 from data_prep.process import staging_path
 from data_prep.schema import KEY_FIELD, META_EXT, SCHEMA_VERSION, TEXT_EXT
 from data_prep.shards import TarShardWriter, shard_name
 
+DRILL_SHARD = "curate.shard"
+"""Fault-drill point (common.faults) after a shard's tar and parquet, before its stats; context ``shard`` (the
+job-wide shard number: shards of all sources in config order), ``source`` and ``index``."""
 TAR_RECORD = 10240  # tarfile pads archives to 20 blocks of 512 bytes
 TAR_END = 1024  # two zero blocks close a tar
 REJECT_SCHEMA = pa.schema(
@@ -201,8 +205,8 @@ def write_shard(spec: dict[str, Any], work_dir: str, out_dir: str) -> dict[str, 
         "config_hash": spec["config_hash"],
         "schema_version": SCHEMA_VERSION,
     }
-    if spec.get("fail"):
-        raise RuntimeError(f"injected failure after writing {tar_path.name} (before its stats)")
+    # a drill here leaves a complete tar without its stats: the shard is not done, a rerun rewrites it
+    faults.point(DRILL_SHARD, shard=spec.get("job_shard", -1), source=source, index=index)
     atomic_write_json(stats_path, stats)
     return {**stats, "reused": False}
 

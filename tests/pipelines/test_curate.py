@@ -8,11 +8,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from common import faults
+from common.config import ConfigError, load_config
+from common.faults import Fault
 from common.tracking import TrackingConfig
+from data_prep.curation import DRILL_UNIT
 from data_prep.imaging import ImageConfig
 from data_prep.schema import decode_sample, make_key
 from data_prep.sources import SourceConfig
-from data_prep.writer import ShardConfig
+from data_prep.writer import DRILL_SHARD, ShardConfig
 from pipelines.curate import AccountingError, CurateConfig, ExecConfig, finish_source, main, run_curation
 from tests.data_prep.curate_fixtures import build_world, ray_local  # noqa: F401
 from tests.data_prep.dedup_reference import assert_job_agrees_with_reference
@@ -200,8 +204,9 @@ def test_byte_reproducible(run_a, world, tmp_path):
 @pytest.mark.slow
 def test_resume_after_failure_in_a_unit(run_a, world, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(Exception, match="injected failure"):
-        run_curation(make_cfg(world, out, fail_at_unit=5, keep_work=True))
+    drill = Fault(DRILL_UNIT, "raise", when={"unit": 5})
+    with faults.arm(drill), pytest.raises(Exception, match="fault drill at curate.unit"):
+        run_curation(make_cfg(world, out, keep_work=True))
     staged = {p: p.stat().st_mtime_ns for p in (out / "_work").rglob("unit-*.parquet")}
     assert 0 < len(staged) < 11  # part of the work was done
     assert not (out / "photos" / "manifest.json").exists()
@@ -213,8 +218,9 @@ def test_resume_after_failure_in_a_unit(run_a, world, tmp_path):
 @pytest.mark.slow
 def test_resume_after_failure_while_writing_shards(run_a, world, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(Exception, match="injected failure"):
-        run_curation(make_cfg(world, out, fail_at_shard=4))  # captions-000000
+    drill = Fault(DRILL_SHARD, "raise", when={"shard": 4})  # captions-000000
+    with faults.arm(drill), pytest.raises(Exception, match="fault drill at curate.shard"):
+        run_curation(make_cfg(world, out))
     # the tar of the failed shard may be complete, but without its stats it is not done
     assert (out / "captions" / "captions-000000.tar").exists()
     assert not (out / "captions" / "captions-000000_stats.json").exists()
@@ -230,6 +236,13 @@ def test_accounting_mismatch_fails_loudly(tmp_path):
     with pytest.raises(AccountingError, match="inputs 3 != kept 1 \\+ rejected 1"):
         finish_source(cfg, cfg.sources[0], units, stats, {"empty_text": 1}, "h")
     assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("key", ["fail_at_unit", "fail_at_shard", "kill_at_unit"])
+def test_a_recipe_with_the_old_fault_settings_is_refused(key):
+    """Fault drills are armed through common.faults, never by a job's config: the old keys are unknown."""
+    with pytest.raises(ConfigError, match=key):
+        load_config(CurateConfig, None, [f"exec.{key}=3"])
 
 
 def test_config_rejects_duplicate_and_reserved_names():

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from common import faults
 from common.config import load_config
+from common.faults import Fault
+from data_prep.curation import DRILL_UNIT
 from data_prep.schema import decode_sample
 from data_prep.shards import iter_tar_records
 from pipelines.curate import CurateConfig, main, run_curation
@@ -164,13 +169,18 @@ def test_secrets_reach_neither_mlflow_nor_logs(run: Run) -> None:
 
 
 def test_killed_ray_worker_changes_no_output_byte(run: Run, tmp_path: Path, monkeypatch) -> None:
-    """Exec.kill_at_unit SIGKILLs the Ray worker processing that unit (once); Ray Data retries the task."""
+    """A drill SIGKILLs the Ray worker processing unit 6 (once); Ray Data retries the task. Ray was started
+    (by the module's fixture) before the drill was armed: the job hands the drill to its tasks itself."""
     monkeypatch.setenv(SECRET_ENV_NAME, SECRET_ENV)
     out = tmp_path / "out"
-    path = _config(run.corpus, tmp_path, out, kill_at_unit=6, keep_work=True)
+    path = _config(run.corpus, tmp_path, out, keep_work=True)
     cfg = load_config(CurateConfig, path, ["tracking.backend=none"])
-    run_curation(cfg)
-    assert (out / "_work" / "fault_killed_unit6").is_file(), "the drill did not fire"
+    marker = tmp_path / "fault_killed_unit6"
+    with faults.arm(Fault(DRILL_UNIT, "kill", when={"unit": 6}, once=str(marker))):
+        run_curation(cfg)
+    assert marker.is_file(), "the drill did not fire"
+    pid = int(re.search(r"pid (\d+)", marker.read_text()).group(1))
+    assert pid != os.getpid() and not Path(f"/proc/{pid}").exists(), "the drill did not kill the Ray worker"
     for src in run.corpus.sources:
         ref = {p.relative_to(run.out): p.read_bytes() for p in (run.out / src["name"]).rglob("*") if p.is_file()}
         got = {p.relative_to(out): p.read_bytes() for p in (out / src["name"]).rglob("*") if p.is_file()}
