@@ -165,7 +165,7 @@ class StageRunner:
     def __init__(
         self, cfg: TrainConfig, stage: str, *, device: torch.device, init_weights: str | None, stage_dir: str | Path
     ) -> None:
-        self.cfg, self.stage, self.scfg = cfg, stage, cfg.stage[stage]
+        self.cfg, self.stage, self.stage_cfg = cfg, stage, cfg.stage[stage]
         init_process_group(device.type)  # a group of one outside Ray Train: a mesh at every world size
         self.rank, self.world = _dist_info()
         self.device = device
@@ -173,18 +173,18 @@ class StageRunner:
             torch.set_flush_denormal(True)  # denormals from small late-training values slow CPU math ~10x
         else:
             torch.cuda.set_device(device)  # the CUDA RNG state a checkpoint saves is this device's
-        self.micro, self.accum = self.scfg.accumulation(self.world)
+        self.micro, self.accum = self.stage_cfg.accumulation(self.world)
         self.flavor, self.family, self.model, self.task, counts = build_stage_model(cfg, stage, init_weights, device)
         self.trainable = counts["_all"]["trainable"]
         parallelize_task(self.task, self.model, cfg.parallel, device)
         self.optimizer = build_optimizer(
             self.task,
-            lr=self.scfg.lr,
+            lr=self.stage_cfg.lr,
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.scfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.stage_cfg))
         self.state = TrainState()
         torch.manual_seed(cfg.seed + 1_000_003 * (self.rank + 1) + stage_index(stage))
         random.seed(cfg.seed + self.rank)
@@ -209,6 +209,7 @@ class StageRunner:
         )
 
     def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What a checkpoint holds besides model, optimizer and scheduler: the EMA shadow weights, if kept."""
         return {"ema": self.ema.shadow} if self.ema is not None else {}
 
     def restore(self, path: str | Path) -> None:
@@ -216,6 +217,7 @@ class StageRunner:
         self.state = load_checkpoint(path, self.task, self.optimizer, self.scheduler, self.extra_state())
 
     def tracker(self) -> Tracker:
+        """The stage's tracker: MLflow on rank 0 (one stable run per stage), a JSONL log on every rank."""
         jsonl = self.out_dir / "logs" / f"rank{self.rank}.jsonl"
         tags = {"janus.stage": self.stage, "janus.family": self.family, "janus.flavor": self.flavor.name}
         return build_tracker(
@@ -235,7 +237,7 @@ class StageRunner:
 
     def flush(self) -> dict[str, float]:
         """Collective: the metrics since the last flush, reduced over ranks (see training.step)."""
-        return self.train_step.flush(self.scfg.global_batch, self.peak)
+        return self.train_step.flush(self.stage_cfg.global_batch, self.peak)
 
     def publish(self, tracker: Tracker, final: bool) -> None:
         """Collective: previews (and at the end: stage weights, export) from the gathered full weights."""
@@ -376,7 +378,7 @@ def run_stage_loop(
 
     Fault point ``train.step_end`` (stage, rank, step): after each optimizer step and its checkpoint; a ``kill``
     drill there is a worker lost mid-stage (Ray Train restarts the group, which resumes from the checkpoint)."""
-    scfg = runner.scfg
+    stage_cfg = runner.stage_cfg
     if runner.state.step == 0:
         tracker.log_params(
             {
@@ -385,15 +387,15 @@ def run_stage_loop(
                 "world_size": runner.world,
                 "micro_batch": runner.micro,
                 "accumulation": runner.accum,
-                **{f"stage.{k}": v for k, v in vars(scfg).items()},
+                **{f"stage.{k}": v for k, v in vars(stage_cfg).items()},
             }
         )
         if runner.dataset is not None:
             tracker.log_datasets([runner.dataset], "training")
-    while runner.state.step < scfg.steps:
+    while runner.state.step < stage_cfg.steps:
         runner.step(batches)
         step = runner.state.step
-        last = step == scfg.steps
+        last = step == stage_cfg.steps
         checkpoint = last or step % cfg.checkpoint.every_steps == 0
         if checkpoint or step % cfg.log_every == 0:  # the only points where the host waits on the device
             metrics = runner.flush()

@@ -15,6 +15,7 @@ import tarfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from common import faults
 from common.config import save_resolved, to_dict
@@ -62,6 +63,7 @@ def build_stage_dataset(tars: Sequence[Path]):
 
 
 def stage_dir(cfg: TrainConfig, stage: str) -> Path:
+    """The stage's Ray Train run folder (checkpoints, logs, inputs record, final weights), absolute."""
     return Path(cfg.checkpoint.dir).resolve() / f"{cfg.name}-stage_{stage}"
 
 
@@ -96,37 +98,17 @@ def check_cpu_budget(cfg: TrainConfig) -> None:
         )
 
 
-def run_stage(cfg: TrainConfig, stage: str) -> Path:
-    """Train one stage to its end (resuming if it was interrupted); returns its final weights folder."""
+def build_trainer(cfg: TrainConfig, stage: str, loop: dict[str, Any], tars: Sequence[Path]) -> Any:
+    """The stage's Ray Train ``TorchTrainer``: ``loop`` is its workers' config, ``tars`` the shards they read."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    final = stage_dir(cfg, stage) / "final"
-    init = initial_weights(cfg, stage)
-    tars = stage_shard_paths(cfg, stage)
-    check_stage_inputs(stage_dir(cfg, stage), StageInputs.of(cfg, stage, init, tars), stage)
-    if StageWeights.exists(final):
-        log.info("stage %s already finished (%s); skipping", stage, final)
-        return final
-    check_cpu_budget(cfg)
-    n = count_samples(tars)
-    workers = cfg.scaling.num_workers
-    manifest = tars[0].parent / MANIFEST_NAME
-    loop = {
-        "cfg": to_dict(cfg),
-        "stage": stage,
-        "init_weights": str(init) if init else None,
-        "samples_per_rank": n // workers,
-        "stage_dir": str(stage_dir(cfg, stage)),
-        "driver_pgid": os.getpgrp(),
-        "dataset": dataclasses.asdict(stage_dataset(manifest)) if manifest.is_file() else None,
-    }
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers,
+            num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
@@ -142,7 +124,39 @@ def run_stage(cfg: TrainConfig, stage: str) -> Path:
         # Deterministic order and split: a resumed worker skips exactly the rows it had consumed.
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    log.info("stage %s: %d samples in %d shards, %d workers, from %s", stage, n, len(tars), workers, init or "scratch")
+
+
+def run_stage(cfg: TrainConfig, stage: str) -> Path:
+    """Train one stage to its end (resuming if it was interrupted); returns its final weights folder."""
+    final = stage_dir(cfg, stage) / "final"
+    init = initial_weights(cfg, stage)
+    tars = stage_shard_paths(cfg, stage)
+    check_stage_inputs(stage_dir(cfg, stage), StageInputs.of(cfg, stage, init, tars), stage)
+    if StageWeights.exists(final):
+        log.info("stage %s already finished (%s); skipping", stage, final)
+        return final
+    check_cpu_budget(cfg)
+    num_samples = count_samples(tars)
+    workers = cfg.scaling.num_workers
+    manifest = tars[0].parent / MANIFEST_NAME
+    loop = {
+        "cfg": to_dict(cfg),
+        "stage": stage,
+        "init_weights": str(init) if init else None,
+        "samples_per_rank": num_samples // workers,
+        "stage_dir": str(stage_dir(cfg, stage)),
+        "driver_pgid": os.getpgrp(),
+        "dataset": dataclasses.asdict(stage_dataset(manifest)) if manifest.is_file() else None,
+    }
+    trainer = build_trainer(cfg, stage, loop, tars)
+    log.info(
+        "stage %s: %d samples in %d shards, %d workers, from %s",
+        stage,
+        num_samples,
+        len(tars),
+        workers,
+        init or "scratch",
+    )
     log_file = stage_dir(cfg, stage) / "logs" / "rank0.jsonl"
     since = log_file.stat().st_size if log_file.is_file() else 0
     with StageProgress(log_file, stage, cfg.stage[stage].steps):
@@ -191,6 +205,7 @@ def register_final_model(cfg: TrainConfig, run_ids: list[str]) -> str | None:
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Path]:
+    """Train ``cfg.stages`` in order under one pipeline run; returns each stage's final weights folder."""
     cfg.tracking.uri = _absolute_sqlite(resolve_uri(cfg.tracking))
     _absolute_model_paths(cfg)
     out = {}
