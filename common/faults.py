@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+log = logging.getLogger("common.faults")
 
 ENV = "JANUS_FAULT_DRILLS"
 Action = Literal["raise", "kill", "kill_group", "custom"]
@@ -102,6 +105,7 @@ def matching(name: str, **ctx: Any) -> Fault | None:
     """The drill armed at this point for this context, claimed (its ``once`` marker written), or None."""
     for drill in armed():
         if drill.matches(name, ctx) and _claim(drill.once):
+            log.warning("fault drill: %s at %s %s (pid %d)", drill.action, name, ctx, os.getpid())
             return drill
     return None
 
@@ -114,6 +118,7 @@ def point(name: str, **ctx: Any) -> None:
     drill = next((d for d in armed() if d.action != "custom" and d.matches(name, ctx)), None)
     if drill is None or not _claim(drill.once):
         return
+    log.warning("fault drill: %s at %s %s (pid %d)", drill.action, name, ctx, os.getpid())
     if drill.action == "raise":
         raise InjectedFault(f"fault drill at {name} {ctx}")
     if drill.action == "kill":
