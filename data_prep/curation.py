@@ -25,7 +25,6 @@ with the corpus (benchmarks/curate_scale.py, benchmarks/curate_memory.py).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from common import faults
+from common.config import config_hash
 from common.tracking import TrackingConfig
 from data_prep.captions import check_languages
 from data_prep.decide import decide_units, plan_path, plan_sources, shard_members
@@ -130,11 +130,10 @@ class AccountingError(RuntimeError):
 
 
 def content_config_hash(cfg: CurateConfig) -> str:
-    """Hash of everything that decides the output bytes (not out_dir, exec or tracking)."""
-    data = dataclasses.asdict(cfg)
-    for name in ("out_dir", "exec", "tracking"):
-        data.pop(name)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of everything that decides the output bytes: common.config.config_hash of the config with what
+    does not (out_dir, exec, tracking) set to fixed values. Every job's content hash is made this way
+    (data_prep.stage_mix.content_hash too)."""
+    return config_hash(dataclasses.replace(cfg, out_dir="", exec=ExecConfig(), tracking=TrackingConfig()))
 
 
 def prepare_work_dir(cfg: CurateConfig) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,11 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common.io import atomic_path, atomic_write_json, lines_sha256
 from data_prep.dedup import CANDIDATE_SCHEMA, DECISION_SCHEMA, DedupConfig
 from data_prep.dedup_stages import dedup_decisions, grouped
 from data_prep.process import staging_path
 from data_prep.semdedup import SEMANTIC_SCHEMA, semantic_decisions, unit_semantic_candidates
-from data_prep.writer import REJECT_SCHEMA, TAR_END, TAR_RECORD, ShardConfig, atomic_write_json, keys_digest
+from data_prep.writer import REJECT_SCHEMA, TAR_END, TAR_RECORD, ShardConfig, atomic_write_parquet
 
 DECIDED_DIR = "_decided"
 ORDER_SHIFT = 32
@@ -41,19 +41,17 @@ LEDGER_ROWS_PER_GROUP = 256 * 1024
 """Rows of a rejects ledger held before they are written as one row group (bounds the ledger task's memory)."""
 
 
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    """A work file, whole or absent; uncompressed (read back once, soon)."""
+    atomic_write_parquet(path, table, compression="none")
+
+
 def kept_path(work: str, source: str, unit: int) -> Path:
     return Path(work) / DECIDED_DIR / source / f"kept-{unit:06d}.parquet"
 
 
 def rejects_path(work: str, source: str, unit: int) -> Path:
     return Path(work) / DECIDED_DIR / source / f"rejects-{unit:06d}.parquet"
-
-
-def _atomic_parquet(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp, compression="none")
-    os.replace(tmp, path)
 
 
 def unit_candidates(work: str, source: str, unit: int, gid: int, participates: bool) -> pa.Table:
@@ -90,7 +88,7 @@ def apply_decisions(work: str, source: str, unit: int, decisions: pa.Table) -> d
         dup_of[where] = decisions["dup_of"].to_numpy(zero_copy_only=False)
         detail[where] = ""
     kept = np.array([r is None for r in reason], dtype=bool)
-    _atomic_parquet(kept_path(work, source, unit), t.select(["pos", "key", "tar_bytes"]).filter(kept).cast(KEPT_SCHEMA))
+    _write_parquet(kept_path(work, source, unit), t.select(["pos", "key", "tar_bytes"]).filter(kept).cast(KEPT_SCHEMA))
     dropped = np.flatnonzero(~kept)
     ledger = pa.table(
         {
@@ -103,7 +101,7 @@ def apply_decisions(work: str, source: str, unit: int, decisions: pa.Table) -> d
         },
         schema=REJECT_SCHEMA,
     )
-    _atomic_parquet(rejects_path(work, source, unit), ledger)
+    _write_parquet(rejects_path(work, source, unit), ledger)
     return {"source": source, "unit": unit, "kept": int(kept.sum()), "rejected": len(dropped)}
 
 
@@ -156,7 +154,7 @@ def write_shard_plan(work: str, source: str, units: Sequence[int], cfg: ShardCon
             "ranges": pa.array([json.dumps(r) for r in ranges], pa.string()),
         }
     )
-    _atomic_parquet(plan_path(work, source), plan)
+    _write_parquet(plan_path(work, source), plan)
     return {"shards": len(ranges), "kept": sum(n for _, n in kept)}
 
 
@@ -164,12 +162,10 @@ def write_source_ledger(work: str, source: str, units: Sequence[int], folder: Pa
     """Concatenate the units' rejects files, in unit order, into ``{folder}/rejects/rejects.parquet`` (and
     its summary.json); returns the rejected inputs per reason."""
     path = folder / "rejects" / "rejects.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     counts: Counter[str] = Counter()
     pending: list[pa.Table] = []
     written = False
-    with pq.ParquetWriter(tmp, REJECT_SCHEMA) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, REJECT_SCHEMA) as writer:
         for unit in units:
             t = pq.read_table(rejects_path(work, source, unit)).cast(REJECT_SCHEMA)
             counts.update(t["reason"].to_pylist())
@@ -179,7 +175,6 @@ def write_source_ledger(work: str, source: str, units: Sequence[int], folder: Pa
                 pending, written = [], True
         if pending or not written:  # an empty ledger is still a file with the schema
             writer.write_table(pa.concat_tables(pending) if pending else REJECT_SCHEMA.empty_table())
-    os.replace(tmp, path)
     by_reason = dict(sorted(counts.items()))
     atomic_write_json(folder / "rejects" / "summary.json", by_reason)
     return by_reason
@@ -214,7 +209,7 @@ def shard_members(work: str, source: str, ranges: Sequence[Sequence[int]]) -> tu
         t = pq.read_table(kept_path(work, source, unit), columns=["pos", "key"]).slice(lo, hi - lo)
         members.append([int(unit), t["pos"].to_pylist()])
         keys.extend(t["key"].to_pylist())
-    return members, keys_digest(keys)
+    return members, lines_sha256(keys)
 
 
 MAX_BLOCKS = 1024
@@ -250,7 +245,7 @@ def _write_unit_decisions(part: pa.Table, work: str, units: list[list], kind: st
     cuts = [0, *(np.flatnonzero(np.diff(gid)) + 1).tolist(), len(gid)]
     for lo, hi in itertools.pairwise(cuts):
         source, unit = units[int(gid[lo])]
-        _atomic_parquet(decisions_path(work, source, unit, kind), part.slice(lo, hi - lo).drop_columns(["gid"]))
+        _write_parquet(decisions_path(work, source, unit, kind), part.slice(lo, hi - lo).drop_columns(["gid"]))
     return pa.table({"units": [len(cuts) - 1]})
 
 

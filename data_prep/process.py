@@ -9,7 +9,6 @@ and the reason for every rejected input; global dedup and shard writing read the
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from common.io import atomic_path
 from data_prep.captions import repair_text
 from data_prep.filters import filter_scores, filter_size, filter_text
 from data_prep.imaging import (
@@ -194,11 +194,9 @@ def write_staging(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any
     """A unit's staging file, atomically; its summary rides in the parquet metadata."""
     table = pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
     table = table.replace_schema_metadata({"janus.unit": json.dumps(summary, sort_keys=True)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     # staging is temporary and its payload is already-compressed image bytes: skip parquet compression
-    pq.write_table(table, tmp, compression="none")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="none")
 
 
 def process_unit(unit: Unit, src: SourceConfig, image_cfg: ImageConfig, work_dir: str) -> dict[str, Any]:

@@ -63,8 +63,9 @@ class MixConfig:
 
 
 def content_hash(cfg: MixConfig) -> str:
-    """Hash of what decides the shard bytes: not where files live, how many workers, or tracking
-    (the sources' identity is recorded by their manifests' hashes)."""
+    """Hash of what decides the shard bytes: common.config.config_hash of the config with what does not (where
+    files live, how many workers, tracking) set to fixed values, as every job's content hash is made
+    (data_prep.curation.content_config_hash too). The sources' identity is recorded by their manifests' hashes."""
     pre = dataclasses.replace(cfg.precompute, num_actors=1, num_gpus_per_actor=None)
     return config_hash(
         dataclasses.replace(

@@ -15,10 +15,8 @@ Every file is written to a temporary name and renamed, so a crash leaves complet
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import faults
+from common.io import atomic_path, atomic_write_json, file_sha256
 from data_prep.process import staging_path
 from data_prep.schema import KEY_FIELD, META_EXT, SCHEMA_VERSION, TEXT_EXT
 from data_prep.shards import TarShardWriter, shard_name
@@ -93,37 +92,10 @@ def embeddings_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     )
 
 
-def keys_digest(keys: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for key in keys:
-        h.update(key.encode() + b"\n")
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def atomic_write_parquet(path: Path, table: pa.Table, **write_options: Any) -> None:
+    """``table`` as a parquet file that is whole or absent (common.io.atomic_path)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **write_options)
 
 
 def _load_rows(

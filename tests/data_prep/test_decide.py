@@ -8,6 +8,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.io import lines_sha256
 from data_prep.decide import (
     KEPT_SCHEMA,
     kept_path,
@@ -17,7 +18,7 @@ from data_prep.decide import (
     shard_ranges,
     write_shard_plan,
 )
-from data_prep.writer import ShardConfig, keys_digest, plan_shards
+from data_prep.writer import ShardConfig, plan_shards
 
 
 def write_kept(work, source: str, units: list[list[int]]) -> None:
@@ -57,7 +58,7 @@ def test_shard_ranges_and_members_follow_the_kept_files(tmp_path):
     ranges = shard_ranges(kept, [0, 4, 8])
     assert ranges == [[(0, 0, 3), (2, 0, 1)], [(2, 1, 5)], [(3, 0, 1)]]
     members, digest = shard_members(str(tmp_path), "s", ranges[0])
-    assert members == [[0, [0, 2, 4]], [2, [0]]] and digest == keys_digest(["k0", "k1", "k2", "k3"])
+    assert members == [[0, [0, 2, 4]], [2, [0]]] and digest == lines_sha256(["k0", "k1", "k2", "k3"])
     assert shard_ranges([], []) == []
     plan = write_shard_plan(str(tmp_path), "s", range(len(units)), ShardConfig(samples_per_shard=4))
     assert plan == {"shards": 3, "kept": 9}
