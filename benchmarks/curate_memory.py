@@ -103,9 +103,9 @@ def child(n: int, cpus: int, interval: float) -> dict:
     import ray
 
     from common.tracking import TrackingConfig
+    from data_prep.curated_shards import ShardConfig
     from data_prep.filters import FilterConfig
     from data_prep.sources import SourceConfig
-    from data_prep.writer import ShardConfig
     from pipelines.curate import CurateConfig, ExecConfig, run_curation
 
     with tempfile.TemporaryDirectory(prefix="curate-mem-") as tmp:

@@ -35,6 +35,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from common.tracking import TrackingConfig
+from data_prep.curated_shards import ShardConfig
 from data_prep.imaging import (
     ImageConfig,
     content_hash,
@@ -46,7 +47,6 @@ from data_prep.imaging import (
 from data_prep.schema import Sample, SampleMeta, encode_sample, image_sha256, make_key
 from data_prep.shards import TarShardWriter, shard_name
 from data_prep.sources import SourceConfig
-from data_prep.writer import ShardConfig
 from pipelines.curate import CurateConfig, ExecConfig, ray_session, run_curation
 
 SHARD_SAMPLES = 200

@@ -10,7 +10,7 @@ how Ray was started. The DAG, each step a Ray Data stage or a small driver step:
    prepare (tasks) -> languages -> one actor pool per scorer group (CPU or fractional GPUs) -> finish (tasks);
 3. dedup (Ray Data groupings, data_prep.dedup_stages): exact, near and text duplicates across all sources,
    then semantic duplicates among the images kept (data_prep.semdedup: k-means on CLIP embeddings, clusters
-   resolved in parallel), then per unit its kept samples and its rejects (data_prep.decide);
+   resolved in parallel), then per unit its kept samples and its rejects (data_prep.curated_plan);
 4. plan (a Ray task per source): where each shard starts, streamed over the kept files; the rejects ledger;
 5. write (Ray Data ``map_batches``, one shard per call): contiguous, deterministic shards through
    data_prep.shards.TarShardWriter, then a .parquet and a _stats.json (last) beside each tar; a shard whose
@@ -39,7 +39,8 @@ from common import faults
 from common.config import config_hash
 from common.tracking import TrackingConfig
 from data_prep.captions import check_languages
-from data_prep.decide import decide_units, plan_path, plan_sources, shard_members
+from data_prep.curated_plan import decide_units, plan_path, plan_sources, shard_members
+from data_prep.curated_shards import ShardConfig, remove_stale, write_shard
 from data_prep.dedup import DedupConfig
 from data_prep.imaging import ImageConfig
 from data_prep.manifests import MANIFEST_NAME, CuratedManifest, CuratedShard
@@ -50,7 +51,6 @@ from data_prep.score_stages import finish_unit, prepare_unit, scoring_chain
 from data_prep.scorers import ScorerConfig, validate_scorer_set
 from data_prep.semdedup import EmbeddingsConfig
 from data_prep.sources import SourceConfig, Unit, list_units
-from data_prep.writer import ShardConfig, remove_stale, write_shard
 
 WORK_DIR = "_work"
 LOG_DIR = "_logs"
@@ -166,8 +166,8 @@ def drill_env() -> dict[str, Any]:
 def run_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str, list]:
     """Ray Data task: process and stage the units of a batch (no scorers)."""
     out: dict[str, list] = {"summary": []}
-    for text, gid in zip(batch["unit"], batch["gid"], strict=True):
-        faults.point(DRILL_UNIT, unit=int(gid))
+    for text, job_unit in zip(batch["unit"], batch["job_unit"], strict=True):
+        faults.point(DRILL_UNIT, unit=int(job_unit))
         unit = Unit.from_json(str(text))
         summary = process_unit(unit, ctx["sources"][unit.source], ctx["image"], ctx["work"])
         out["summary"].append(json.dumps(summary, sort_keys=True))
@@ -176,13 +176,13 @@ def run_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[s
 
 def prepare_units_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str, list]:
     """Ray Data task: the first stage of the scoring chain (read and prepare whole units)."""
-    out: dict[str, list] = {"unit": [], "gid": [], "payload": [], "summary": []}
-    for text, gid in zip(batch["unit"], batch["gid"], strict=True):
-        faults.point(DRILL_UNIT, unit=int(gid))
+    out: dict[str, list] = {"unit": [], "job_unit": [], "payload": [], "summary": []}
+    for text, job_unit in zip(batch["unit"], batch["job_unit"], strict=True):
+        faults.point(DRILL_UNIT, unit=int(job_unit))
         unit = Unit.from_json(str(text))
         payload, summary = prepare_unit(unit, ctx["sources"][unit.source], ctx["image"])
         out["unit"].append(str(text))
-        out["gid"].append(int(gid))
+        out["job_unit"].append(int(job_unit))
         out["payload"].append(payload)
         out["summary"].append(json.dumps(summary, sort_keys=True))
     return out
@@ -217,8 +217,8 @@ def process_all_units(cfg: CurateConfig, units: list[Unit], work: Path) -> list[
 
     ctx = _unit_context(cfg, work)
     pending = [
-        {"unit": u.to_json(), "gid": gid}
-        for gid, u in enumerate(units)
+        {"unit": u.to_json(), "job_unit": job_unit}
+        for job_unit, u in enumerate(units)
         if not staging_path(str(work), u.source, u.index).exists()
     ]
     if pending:
@@ -244,7 +244,7 @@ def _unit_summary(work: Path, unit: Unit) -> dict[str, Any]:
 def write_shards_batch(
     batch: dict[str, np.ndarray], work: str, out: str, config_hash: str, first: dict[str, int], embeddings: bool
 ) -> dict[str, list]:
-    """Ray Data task: write the shards of a batch of shard-plan rows (data_prep.decide.write_shard_plan)."""
+    """Ray Data task: write the shards of a batch of shard-plan rows (data_prep.curated_plan.write_shard_plan)."""
     stats = []
     for source, index, ranges in zip(batch["source"], batch["index"], batch["ranges"], strict=True):
         source, index = str(source), int(index)
@@ -263,7 +263,7 @@ def write_shards_batch(
 
 
 def write_all_shards(
-    cfg: CurateConfig, plans: dict[str, dict[str, Any]], work: Path, chash: str
+    cfg: CurateConfig, plans: dict[str, dict[str, Any]], work: Path, config_digest: str
 ) -> list[dict[str, Any]]:
     """Every planned shard, one Ray task each, from the plan files; returns their stats (per-shard summaries)."""
     import ray
@@ -280,7 +280,7 @@ def write_all_shards(
     kwargs = {
         "work": str(work),
         "out": cfg.out_dir,
-        "config_hash": chash,
+        "config_hash": config_digest,
         "first": first,
         "embeddings": cfg.embeddings.write,
     }
@@ -299,7 +299,7 @@ def finish_source(
     units: list[dict],
     stats: list[dict],
     by_reason: dict[str, int],
-    chash: str,
+    config_digest: str,
 ) -> dict[str, Any]:
     """Stale-file cleanup, accounting check, then manifest.json (written last). ``units``: the source's unit
     summaries; ``stats``: its shards' stats; ``by_reason``: its rejects ledger's counts."""
@@ -329,7 +329,7 @@ def finish_source(
         shards=[
             CuratedShard(name=s["shard"], samples=s["samples"], bytes=s["bytes"], sha256=s["sha256"]) for s in stats
         ],
-        config_hash=chash,
+        config_hash=config_digest,
         ignored_members=dict(sorted(ignored.items())),
     )
     manifest.write(folder / MANIFEST_NAME)
@@ -346,7 +346,7 @@ def invalidate_manifests(cfg: CurateConfig) -> None:
 
 def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
     """The whole DAG on the Ray instance this process is connected to. Returns one result per source."""
-    chash = content_config_hash(cfg)
+    config_digest = content_config_hash(cfg)
     # tasks run in their node's working directory, not the driver's: hand them no relative path
     cfg = dataclasses.replace(cfg, out_dir=os.path.abspath(cfg.out_dir))
     check_models(cfg)
@@ -365,13 +365,13 @@ def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
             raise AccountingError(
                 f"source {src.name}: {decided_kept} kept after dedup, {plans[src.name]['kept']} planned"
             )
-    stats = write_all_shards(cfg, plans, work, chash)
+    stats = write_all_shards(cfg, plans, work, config_digest)
     results = []
     for src in cfg.sources:
         src_units = [s for s in summaries if s["source"] == src.name]
         src_stats = [s for s in stats if s["source"] == src.name]
         by_reason = plans[src.name]["rejects_by_reason"]
-        result = finish_source(cfg, src, src_units, src_stats, by_reason, chash)
+        result = finish_source(cfg, src, src_units, src_stats, by_reason, config_digest)
         result["input_files"] = input_files([u for u in units if u.source == src.name])
         results.append(result)
     if not cfg.exec.keep_work:

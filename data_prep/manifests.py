@@ -1,7 +1,7 @@
 """The manifests one stage hands to the next, each a versioned dataclass that its writer and its readers share.
 
 - :class:`CuratedManifest`: ``{curated}/{source}/manifest.json``, written by curation when a source's folder is
-  complete (data_prep.curation), read by the mix (data_prep.mixture.load_source).
+  complete (data_prep.curation), read by the mix (data_prep.stage_plan.load_source).
 - :class:`StageManifest`: ``{stages}/{recipe}/{stage}/manifest.json``, written by the mix when a stage's shards
   are complete (data_prep.stage_shards), read by training (training.stages).
 

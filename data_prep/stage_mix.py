@@ -1,7 +1,7 @@
 """A mix recipe's stages: its config, and building one stage (plan, shards, optional precompute, manifest).
 
 The job (pipelines.mix) loops over the recipe's stages and records them; what a stage holds is decided here and
-in data_prep.mixture (the plan) and data_prep.stage_shards (the bytes and the stage manifest,
+in data_prep.stage_plan (the plan) and data_prep.stage_shards (the bytes and the stage manifest,
 data_prep.manifests.StageManifest).
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 from common.config import config_hash
 from common.tracking import TrackingConfig
 from data_prep.manifests import StageManifest
-from data_prep.mixture import SourceEntry, StageConfig, build_stage_plan
 from data_prep.precompute import PrecomputeConfig, precompute_config_encoder, run_precompute
+from data_prep.stage_plan import SourceEntry, StageMixConfig, build_stage_plan
 from data_prep.stage_shards import build_manifest, finalize_manifest, write_stage_shards
 
 
@@ -35,7 +35,7 @@ class MixConfig:
     """Draws of a group shuffled together (bounded, deterministic); 1 keeps the blend order."""
     seed: int = 0
     """Mixture seed; each stage derives its own unless it gives one."""
-    stages: dict[str, StageConfig] = field(default_factory=dict)
+    stages: dict[str, StageMixConfig] = field(default_factory=dict)
     """Training stages in order, by name."""
     write_workers: int = 1
     """Ray tasks writing a stage's shards in parallel (1: in this process, no Ray); bytes do not change."""
@@ -86,7 +86,7 @@ def source_dirs(cfg: MixConfig, stages: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def build_stage(cfg: MixConfig, name: str, sources: dict[str, SourceEntry], chash: str) -> StageManifest:
+def build_stage(cfg: MixConfig, name: str, sources: dict[str, SourceEntry], config_digest: str) -> StageManifest:
     """Plan, write (and optionally precompute) one stage; returns its manifest."""
     stage = cfg.stages[name]
     plan = build_stage_plan(
@@ -99,7 +99,7 @@ def build_stage(cfg: MixConfig, name: str, sources: dict[str, SourceEntry], chas
         written,
         sources,
         recipe=cfg.recipe,
-        config_hash=chash,
+        config_hash=config_digest,
         samples_per_shard=cfg.samples_per_shard,
         caption_fraction=stage.caption_first_sentence,
     )

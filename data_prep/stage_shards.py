@@ -17,11 +17,11 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from common.io import file_sha256
-from data_prep.blend import stable_int
 from data_prep.manifests import MANIFEST_NAME, StageManifest, StageShard
-from data_prep.mixture import SourceEntry, StagePlan
+from data_prep.ratio_schedule import stable_int
 from data_prep.schema import GENERATION_TASKS, KEY_FIELD, decode_sample, encode_sample
 from data_prep.shards import TarShardWriter, shard_name
+from data_prep.stage_plan import SourceEntry, StagePlan
 
 MAX_OPEN_FILES = 64
 """Source tars a reader keeps open at once."""

@@ -22,7 +22,6 @@ from common.lineage import curated_dataset, stage_dataset
 from common.ray_session import ray_session
 from common.tracking import build_tracker
 from data_prep.manifests import MANIFEST_NAME, StageManifest
-from data_prep.mixture import load_source
 from data_prep.stage_mix import (
     MixConfig,
     absolute_paths,
@@ -31,6 +30,7 @@ from data_prep.stage_mix import (
     source_dirs,
     stage_dir,
 )
+from data_prep.stage_plan import load_source
 
 log = logging.getLogger("pipelines.mix")
 
@@ -89,7 +89,7 @@ def log_lineage(tracker, cfg: MixConfig, name: str, sources: dict) -> None:
 def run(cfg: MixConfig) -> MixResult:
     """Write the chosen stages and record the run "mix"; the result says where each stage's shards are."""
     stages = cfg.only or list(cfg.stages)
-    chash = content_hash(cfg)
+    config_digest = content_hash(cfg)
     cfg = absolute_paths(cfg)
     out_root = Path(cfg.out_dir) / cfg.recipe
     save_resolved(cfg, out_root)
@@ -103,7 +103,7 @@ def run(cfg: MixConfig) -> MixResult:
         tracker.log_params(
             {
                 "recipe": cfg.recipe,
-                "config_hash": chash,
+                "config_hash": config_digest,
                 "seed": cfg.seed,
                 "samples_per_shard": cfg.samples_per_shard,
                 "shuffle_window": cfg.shuffle_window,
@@ -111,7 +111,7 @@ def run(cfg: MixConfig) -> MixResult:
         )
         tracker.log_artifact(out_root / "config.resolved.yaml")
         for name in stages:
-            manifests[name] = build_stage(cfg, name, sources, chash)
+            manifests[name] = build_stage(cfg, name, sources, config_digest)
             log_stage(tracker, name, manifests[name])
             log_lineage(tracker, cfg, name, sources)
     return MixResult(out_root, {name: stage_dir(cfg, name) for name in manifests}, manifests)

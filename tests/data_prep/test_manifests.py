@@ -16,7 +16,7 @@ from data_prep.manifests import (
     ManifestError,
     StageManifest,
 )
-from data_prep.mixture import load_source
+from data_prep.stage_plan import load_source
 from tests.data_prep.mix_fixtures import write_source, write_stage_folder
 from training.stages import count_samples
 

@@ -26,10 +26,10 @@ import pytest
 from common import faults
 from common.faults import Fault
 from common.tracking import TrackingConfig
+from data_prep.curated_shards import ShardConfig
 from data_prep.schema import encode_sample
 from data_prep.shards import write_tar
 from data_prep.sources import SourceConfig
-from data_prep.writer import ShardConfig
 from model.weights import DONE_FILE
 from pipelines.curate import CurateConfig, ExecConfig, run_curation
 from tests.data_prep.curate_fixtures import ray_local, write_jsonl  # noqa: F401

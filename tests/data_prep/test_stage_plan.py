@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_prep.blend import build_schedule
-from data_prep.mixture import GroupConfig, PhaseConfig, SourceConfig, StageConfig, build_stage_plan, load_source
+from data_prep.ratio_schedule import build_schedule
 from data_prep.schema import GENERATION_TASKS, TEXT_TASKS, UNDERSTANDING_TASKS, decode_sample
+from data_prep.stage_plan import (
+    GroupConfig,
+    MixSourceConfig,
+    PhaseConfig,
+    StageMixConfig,
+    build_stage_plan,
+    load_source,
+)
 from data_prep.stage_shards import (
     build_manifest,
     finalize_manifest,
@@ -40,19 +47,19 @@ def curated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def stage(samples: int = 600, phases: list[PhaseConfig] | None = None, **kw) -> StageConfig:
+def stage(samples: int = 600, phases: list[PhaseConfig] | None = None, **kw) -> StageMixConfig:
     groups = {
-        "understanding": GroupConfig(sources={"photos": SourceConfig(), "charts": SourceConfig(weight=2)}),
-        "generation": GroupConfig(sources={"shapes": SourceConfig(), "photos": SourceConfig(use_as="t2i")}),
-        "text": GroupConfig(sources={"text": SourceConfig()}),
+        "understanding": GroupConfig(sources={"photos": MixSourceConfig(), "charts": MixSourceConfig(weight=2)}),
+        "generation": GroupConfig(sources={"shapes": MixSourceConfig(), "photos": MixSourceConfig(use_as="t2i")}),
+        "text": GroupConfig(sources={"text": MixSourceConfig()}),
     }
     if phases is None:
         for g, r in zip(groups, (5, 4, 1), strict=True):
             groups[g].ratio = r
-    return StageConfig(samples=samples, groups=groups, phases=phases or [], **kw)
+    return StageMixConfig(samples=samples, groups=groups, phases=phases or [], **kw)
 
 
-def write(curated: Path, out: Path, cfg: StageConfig, *, shard: int = 64, window: int = 16, seed: int = 0):
+def write(curated: Path, out: Path, cfg: StageMixConfig, *, shard: int = 64, window: int = 16, seed: int = 0):
     names = {s for g in cfg.groups.values() for s in g.sources}
     sources = {n: load_source(n, curated / n) for n in names}
     plan = build_stage_plan("stage", cfg, sources, samples_per_shard=shard, window=window, mix_seed=seed)
@@ -188,20 +195,20 @@ def test_ratio_zero_group_is_absent(curated: Path, tmp_path: Path) -> None:
 
 def test_config_errors(curated: Path) -> None:
     with pytest.raises(ValueError, match="not among"):
-        StageConfig(samples=10, groups={"images": GroupConfig(ratio=1)})
+        StageMixConfig(samples=10, groups={"images": GroupConfig(ratio=1)})
     with pytest.raises(ValueError, match="needs a ratio"):
-        StageConfig(samples=10, groups={"text": GroupConfig()})
+        StageMixConfig(samples=10, groups={"text": GroupConfig()})
     with pytest.raises(ValueError, match="phase 0 ratios"):
-        StageConfig(
+        StageMixConfig(
             samples=10,
             groups={"text": GroupConfig(), "generation": GroupConfig()},
             phases=[PhaseConfig(ratios={"text": 1})],
         )
     with pytest.raises(ValueError, match="samples, or steps"):
-        StageConfig(groups={"text": GroupConfig(ratio=1)})
+        StageMixConfig(groups={"text": GroupConfig(ratio=1)})
     with pytest.raises(ValueError, match="use_as"):
-        SourceConfig(use_as="picture")
-    bad = StageConfig(samples=10, groups={"generation": GroupConfig(ratio=1, sources={"charts": SourceConfig()})})
+        MixSourceConfig(use_as="picture")
+    bad = StageMixConfig(samples=10, groups={"generation": GroupConfig(ratio=1, sources={"charts": MixSourceConfig()})})
     with pytest.raises(ValueError, match="cannot feed group 'generation'"):
         build_stage_plan(
             "s", bad, {"charts": load_source("charts", curated / "charts")}, samples_per_shard=5, window=1, mix_seed=0

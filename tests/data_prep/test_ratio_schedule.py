@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.blend import (
+from data_prep.ratio_schedule import (
     BlendError,
     BlendIndex,
     build_schedule,

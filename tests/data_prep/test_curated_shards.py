@@ -1,6 +1,6 @@
+from data_prep.curated_shards import ShardConfig, plan_shards, remove_stale, tar_file_size
 from data_prep.process import tar_size
 from data_prep.shards import write_tar
-from data_prep.writer import ShardConfig, plan_shards, remove_stale, tar_file_size
 
 
 def test_plan_shards_count_and_byte_cap():

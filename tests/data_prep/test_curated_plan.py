@@ -1,4 +1,5 @@
-"""Shard planning streamed unit by unit gives writer.plan_shards' shards exactly; shard ranges map back to units."""
+"""Shard planning streamed unit by unit gives curated_shards.plan_shards' shards exactly; shard ranges map back
+to units."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.io import lines_sha256
-from data_prep.decide import (
+from data_prep.curated_plan import (
     KEPT_SCHEMA,
     kept_path,
     plan_cuts,
@@ -18,7 +19,7 @@ from data_prep.decide import (
     shard_ranges,
     write_shard_plan,
 )
-from data_prep.writer import ShardConfig, plan_shards
+from data_prep.curated_shards import ShardConfig, plan_shards
 
 
 def write_kept(work, source: str, units: list[list[int]]) -> None:

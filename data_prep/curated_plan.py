@@ -3,10 +3,10 @@
 Files, beside the staging files of data_prep.process::
 
     {work}/_decided/{source}/kept-{unit:06d}.parquet     the unit's kept samples in input order: pos, key, tar_bytes
-    {work}/_decided/{source}/rejects-{unit:06d}.parquet  the unit's rejected inputs (writer.REJECT_SCHEMA rows)
+    {work}/_decided/{source}/rejects-{unit:06d}.parquet  the unit's rejected inputs (curated_shards.REJECT_SCHEMA rows)
 
 ``apply_decisions`` writes both for a unit from its staging file and the decisions that name it;
-``plan_cuts`` streams a source's kept files in unit order through writer.plan_shards' rule and returns where
+``plan_cuts`` streams a source's kept files in unit order through curated_shards.plan_shards' rule and returns where
 each shard starts; ``write_source_ledger`` streams its rejects files into ``rejects/rejects.parquet``;
 ``shard_members`` turns a shard's kept-sample ranges back into the (unit, positions) the writer reads.
 A job-wide order of candidates is ``unit number << 32 | input position``: sorting by it is job order.
@@ -27,11 +27,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.io import atomic_path, atomic_write_json, lines_sha256
+from data_prep.curated_shards import REJECT_SCHEMA, TAR_END, TAR_RECORD, ShardConfig, atomic_write_parquet
 from data_prep.dedup import CANDIDATE_SCHEMA, DECISION_SCHEMA, DedupConfig
 from data_prep.dedup_stages import dedup_decisions, grouped
 from data_prep.process import staging_path
 from data_prep.semdedup import SEMANTIC_SCHEMA, semantic_decisions, unit_semantic_candidates
-from data_prep.writer import REJECT_SCHEMA, TAR_END, TAR_RECORD, ShardConfig, atomic_write_parquet
 
 DECIDED_DIR = "_decided"
 ORDER_SHIFT = 32
@@ -106,7 +106,7 @@ def apply_decisions(work: str, source: str, unit: int, decisions: pa.Table) -> d
 
 
 def _cut_points(sizes: np.ndarray, cfg: ShardConfig) -> list[int]:
-    """Where writer.plan_shards would close shards in ``sizes`` (which start a shard), excluding the last
+    """Where curated_shards.plan_shards would close shards in ``sizes`` (which start a shard), excluding the last
     shard's end and any cut not yet decided by the samples given (the rule looks one sample ahead)."""
     budget = TAR_RECORD * (cfg.max_shard_bytes // TAR_RECORD) - TAR_END  # tar_file_size(b) > cap <=> b > budget
     cum = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
@@ -125,7 +125,7 @@ def plan_path(work: str, source: str) -> Path:
 
 
 def plan_cuts(work: str, source: str, units: Sequence[int], cfg: ShardConfig) -> tuple[list[int], list[tuple]]:
-    """writer.plan_shards over the source's kept samples, streamed unit by unit: the kept-sample ordinal at
+    """curated_shards.plan_shards over the source's kept samples, streamed unit by unit: the kept-sample ordinal at
     which each shard starts, and (unit, kept count) per unit."""
     starts, base = [0], 0
     carry = np.empty(0, np.int64)  # sizes of the shard still open, from ordinal ``base``

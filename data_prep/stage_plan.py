@@ -1,6 +1,6 @@
 """Stage mixtures: recipe configs, curated-source access and the plan of which sample fills each slot.
 
-A stage's plan is pure and cheap: :class:`data_prep.blend.BlendIndex` says which group fills each slot (exact
+A stage's plan is pure and cheap: :class:`data_prep.ratio_schedule.BlendIndex` says which group fills each slot (exact
 ratios at every prefix and in every shard); inside a group a periodic source pattern says which source serves
 each draw, shuffled inside bounded windows of the group's draws; a source's draws walk through seeded
 permutations of its samples, one per pass (so a source smaller than its quota repeats, a larger one is
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from common.io import file_sha256
-from data_prep.blend import (
+from data_prep.manifests import MANIFEST_NAME, CuratedManifest
+from data_prep.ratio_schedule import (
     BlendIndex,
     SourcePattern,
     build_schedule,
@@ -25,7 +26,6 @@ from data_prep.blend import (
     stable_int,
     window_permute,
 )
-from data_prep.manifests import MANIFEST_NAME, CuratedManifest
 from data_prep.schema import GENERATION_TASKS, TASKS, TEXT_TASKS, UNDERSTANDING_TASKS
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ GROUP_TASKS: dict[str, frozenset[str]] = {
 
 
 @dataclass(kw_only=True)
-class SourceConfig:
+class MixSourceConfig:
     weight: float = 1.0
     """Share of this source inside its group, relative to the group's other sources."""
     use_as: str | None = None
@@ -58,7 +58,7 @@ class SourceConfig:
 class GroupConfig:
     ratio: float | None = None
     """Share of the group in the stage, relative to the other groups (set per phase instead when phased)."""
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    sources: dict[str, MixSourceConfig] = field(default_factory=dict)
     """Curated sources feeding the group, by name."""
 
     def __post_init__(self) -> None:
@@ -83,7 +83,7 @@ class PhaseConfig:
 
 
 @dataclass(kw_only=True)
-class StageConfig:
+class StageMixConfig:
     groups: dict[str, GroupConfig] = field(default_factory=dict)
     """Task groups by name (understanding, generation, text) with their ratio and sources."""
     samples: int | None = None
@@ -129,7 +129,7 @@ class StageConfig:
         return int(self.steps or 0) * int(self.global_batch or 0)
 
 
-def phase_plan(stage: StageConfig, groups: list[str]) -> tuple[list[list[float]], list[int]]:
+def phase_plan(stage: StageMixConfig, groups: list[str]) -> tuple[list[list[float]], list[int]]:
     """(ratios per phase in ``groups`` order, length per phase); one phase when the stage has none."""
     total = stage.num_samples
     if not stage.phases:
@@ -151,7 +151,7 @@ def phase_plan(stage: StageConfig, groups: list[str]) -> tuple[list[list[float]]
     return ratios, lengths
 
 
-def active_groups(stage: StageConfig) -> list[str]:
+def active_groups(stage: StageMixConfig) -> list[str]:
     """Groups with a positive ratio somewhere in the stage, in recipe order (ratio 0 = absent)."""
     if stage.phases:
         return [g for g in stage.groups if any(p.ratios[g] > 0 for p in stage.phases)]
@@ -271,7 +271,7 @@ class StagePlan:
         return out
 
 
-def stage_seed(mix_seed: int, stage_name: str, stage: StageConfig) -> int:
+def stage_seed(mix_seed: int, stage_name: str, stage: StageMixConfig) -> int:
     return stage.seed if stage.seed is not None else stable_int("stage", mix_seed, stage_name) % (2**31)
 
 
@@ -288,7 +288,7 @@ def check_source_task(group: str, source: SourceEntry, use_as: str | None) -> st
 
 def build_stage_plan(
     name: str,
-    stage: StageConfig,
+    stage: StageMixConfig,
     sources: dict[str, SourceEntry],
     *,
     samples_per_shard: int,
