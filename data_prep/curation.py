@@ -1,7 +1,8 @@
 """Curation: sources in, curated webdataset shards + manifests + rejects ledger out (the job: pipelines.curate).
 
 ``run_curation(cfg)`` runs on the Ray instance this process is connected to; it knows nothing of argv or of
-how Ray was started. The DAG, each step a Ray Data stage or a small driver step:
+how Ray was started. ``curate(cfg)`` is the whole job (a Ray session, the DAG, the MLflow run "curate"), what
+pipelines.curate runs and the demo chains. The DAG, each step a Ray Data stage or a small driver step:
 
 1. list units (driver): each source cut into units (line ranges, row groups, folder chunks, tar shards);
 2. process units (Ray Data ``map_batches``, one unit per call): read -> validate -> filter -> decode/convert
@@ -28,6 +29,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +38,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from common import faults
-from common.config import config_hash
-from common.tracking import TrackingConfig
+from common.config import config_hash, save_resolved, to_flat_dict
+from common.lineage import curated_dataset, source_dataset
+from common.ray_session import ray_session
+from common.tracking import TrackingConfig, build_tracker
 from data_prep.captions import check_languages
 from data_prep.curated_plan import decide_units, plan_path, plan_sources, shard_members
 from data_prep.curated_shards import ShardConfig, remove_stale, write_shard
@@ -46,6 +50,7 @@ from data_prep.imaging import ImageConfig
 from data_prep.manifests import MANIFEST_NAME, CuratedManifest, CuratedShard
 from data_prep.model_scorers import check_scorers
 from data_prep.process import process_unit, staging_path
+from data_prep.report import grid_image, source_metrics
 from data_prep.schema import SCHEMA_VERSION
 from data_prep.score_stages import finish_unit, prepare_unit, scoring_chain
 from data_prep.scorers import ScorerConfig, validate_scorer_set
@@ -132,7 +137,7 @@ class AccountingError(RuntimeError):
 def content_config_hash(cfg: CurateConfig) -> str:
     """Hash of everything that decides the output bytes: common.config.config_hash of the config with what
     does not (out_dir, exec, tracking) set to fixed values. Every job's content hash is made this way
-    (data_prep.stage_mix.content_hash too)."""
+    (data_prep.mixing.content_hash too)."""
     return config_hash(dataclasses.replace(cfg, out_dir="", exec=ExecConfig(), tracking=TrackingConfig()))
 
 
@@ -377,6 +382,60 @@ def run_curation(cfg: CurateConfig) -> list[dict[str, Any]]:
     if not cfg.exec.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+@dataclass(frozen=True)
+class CurateResult:
+    """What a curation run hands the next job: where each source's curated folder and manifest are."""
+
+    out_dir: Path
+    """The output root (absolute)."""
+    manifests: dict[str, Path]
+    """Source name -> its manifest.json (data_prep.manifests.CuratedManifest), in config order."""
+    sources: list[dict[str, Any]]
+    """Per source: its manifest's fields, worker seconds and input files (what the summary table reads)."""
+    wall_s: float
+    """Seconds of the DAG, after Ray start-up."""
+
+    @property
+    def kept(self) -> dict[str, int]:
+        return {r["source"]: r["kept"] for r in self.sources}
+
+
+def log_run(cfg: CurateConfig, results: list[dict[str, Any]], wall_s: float, resolved: Path | None = None) -> None:
+    """MLflow run "curate": parameters, counts per reason, throughput, grids, manifests, rejects summary, and
+    the lineage: each source read, each curated source written."""
+    tracker = build_tracker(cfg.tracking, "curate", jsonl_path=Path(cfg.out_dir) / LOG_DIR / "curate.jsonl")
+    with tracker:
+        tracker.log_params(to_flat_dict(cfg))
+        specs = {src.name: dataclasses.asdict(src) for src in cfg.sources}
+        files = {r["source"]: r.get("input_files", []) for r in results}
+        tracker.log_datasets([source_dataset(n, specs[n], files.get(n, [])) for n in specs], "source")
+        manifests = [Path(cfg.out_dir) / r["source"] / MANIFEST_NAME for r in results]
+        tracker.log_datasets([curated_dataset(m) for m in manifests], "output")
+        if resolved is not None:
+            tracker.log_artifact(resolved)
+        tracker.log_metrics(source_metrics(results, wall_s))
+        for r in results:
+            folder = Path(cfg.out_dir) / r["source"]
+            tracker.log_artifact(folder / MANIFEST_NAME, f"manifests/{r['source']}")
+            grid = grid_image([folder / s["name"] for s in r["shards"]], cfg.seed)
+            if grid is not None:
+                tracker.log_image(grid, f"grids/{r['source']}.png")
+        tracker.log_dict({r["source"]: r["rejects_by_reason"] for r in results}, "rejects_summary.json")
+
+
+def curate(cfg: CurateConfig) -> CurateResult:
+    """The job: curate every source (joining the running Ray or starting a local one with exec.num_cpus),
+    record the MLflow run "curate"; the result says where the curated sources are."""
+    resolved = save_resolved(cfg, Path(cfg.out_dir) / LOG_DIR)
+    with ray_session(cfg.exec.num_cpus):
+        start = time.perf_counter()  # after Ray start-up: a cluster is already up
+        results = run_curation(cfg)
+        wall = time.perf_counter() - start
+    log_run(cfg, results, wall, resolved)
+    out = Path(cfg.out_dir).absolute()
+    return CurateResult(out, {r["source"]: out / r["source"] / MANIFEST_NAME for r in results}, results, wall)
 
 
 def check_models(cfg: CurateConfig) -> None:

@@ -169,7 +169,7 @@ class StageManifest:
     recipe: str
     stage: str
     config_hash: str
-    """data_prep.stage_mix.content_hash of the mix recipe that wrote it."""
+    """data_prep.mixing.content_hash of the mix recipe that wrote it."""
     seed: int
     samples: int
     """Samples over all its shards."""

@@ -1,23 +1,25 @@
-"""A mix recipe's stages: its config, and building one stage (plan, shards, optional precompute, manifest).
-
-The job (pipelines.mix) loops over the recipe's stages and records them; what a stage holds is decided here and
-in data_prep.stage_plan (the plan) and data_prep.stage_shards (the bytes and the stage manifest,
-data_prep.manifests.StageManifest).
+"""Mixing: a mix recipe's config, building each of its stages (plan, shards, optional precompute, manifest) and
+recording them in the MLflow run "mix". ``mix(cfg)`` is what the job (pipelines.mix) runs, and what the demo
+chains; what a stage holds is decided in data_prep.stage_plan (which sample fills each slot) and
+data_prep.stage_shards (the bytes and the stage manifest, data_prep.manifests.StageManifest).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import config_hash
-from common.tracking import TrackingConfig
-from data_prep.manifests import StageManifest
+from common.config import config_hash, save_resolved
+from common.lineage import curated_dataset, stage_dataset
+from common.ray_session import ray_session
+from common.tracking import TrackingConfig, build_tracker
+from data_prep.manifests import MANIFEST_NAME, StageManifest
 from data_prep.precompute import PrecomputeConfig, precompute_config_encoder, run_precompute
-from data_prep.stage_plan import SourceEntry, StageMixConfig, build_stage_plan
+from data_prep.stage_plan import SourceEntry, StageMixConfig, build_stage_plan, load_source
 from data_prep.stage_shards import build_manifest, finalize_manifest, write_stage_shards
 
 
@@ -134,6 +136,69 @@ def absolute_paths(cfg: MixConfig) -> MixConfig:
 
     pre = dataclasses.replace(cfg.precompute, encoder_path=local(cfg.precompute.encoder_path))
     return dataclasses.replace(cfg, curated_dir=local(cfg.curated_dir), out_dir=local(cfg.out_dir), precompute=pre)
+
+
+@dataclass(frozen=True)
+class MixResult:
+    """What a mix run hands training: each stage's folder and manifest."""
+
+    out_dir: Path
+    """The recipe's root, {out_dir}/{recipe} (absolute)."""
+    stage_dirs: dict[str, Path]
+    """Stage name -> its folder of shards and manifest.json, in recipe order."""
+    manifests: dict[str, StageManifest]
+    """Stage name -> its manifest (data_prep.manifests.StageManifest)."""
+
+
+def log_stage(tracker, name: str, manifest: StageManifest) -> None:
+    metrics = {}
+    for g, info in manifest.groups.items():
+        metrics[f"{name}/{g}/target_ratio"] = info["target_ratio"]
+        metrics[f"{name}/{g}/realised_ratio"] = info["realised_ratio"]
+        metrics[f"{name}/{g}/worst_shard_deviation"] = info["worst_shard_deviation"]
+        for s, src in info["sources"].items():
+            metrics[f"{name}/{g}/{s}/repeat_factor"] = src["repeat_factor"]
+    metrics[f"{name}/samples"] = manifest.samples
+    tracker.log_metrics(metrics)
+    tracker.log_dict(manifest.to_dict(), f"manifests/{name}.json")
+
+
+def log_lineage(tracker, cfg: MixConfig, name: str, sources: dict) -> None:
+    """The curated datasets a stage read (inputs) and the stage shards it wrote (output), for MLflow lineage."""
+    used = {src for group in cfg.stages[name].groups.values() for src in group.sources}
+    tracker.log_datasets([curated_dataset(sources[s].directory / MANIFEST_NAME) for s in sorted(used)], "input")
+    tracker.log_datasets([stage_dataset(stage_dir(cfg, name) / MANIFEST_NAME)], "output")
+
+
+def mix(cfg: MixConfig) -> MixResult:
+    """Write the chosen stages and record the run "mix"; the result says where each stage's shards are."""
+    stages = cfg.only or list(cfg.stages)
+    config_digest = content_hash(cfg)
+    cfg = absolute_paths(cfg)
+    out_root = Path(cfg.out_dir) / cfg.recipe
+    save_resolved(cfg, out_root)
+    sources = {name: load_source(name, path.absolute()) for name, path in source_dirs(cfg, stages).items()}
+    manifests: dict[str, StageManifest] = {}
+    tracker = build_tracker(
+        cfg.tracking, "mix", jsonl_path=out_root / "mix.jsonl", tags={"janus.kind": "mix", "janus.recipe": cfg.recipe}
+    )
+    needs_ray = cfg.precompute.kind != "none" or cfg.write_workers > 1  # one Ray for all stages
+    with tracker, ray_session() if needs_ray else contextlib.nullcontext():
+        tracker.log_params(
+            {
+                "recipe": cfg.recipe,
+                "config_hash": config_digest,
+                "seed": cfg.seed,
+                "samples_per_shard": cfg.samples_per_shard,
+                "shuffle_window": cfg.shuffle_window,
+            }
+        )
+        tracker.log_artifact(out_root / "config.resolved.yaml")
+        for name in stages:
+            manifests[name] = build_stage(cfg, name, sources, config_digest)
+            log_stage(tracker, name, manifests[name])
+            log_lineage(tracker, cfg, name, sources)
+    return MixResult(out_root, {name: stage_dir(cfg, name) for name in manifests}, manifests)
 
 
 def stage_dir(cfg: MixConfig, name: str) -> Path:
