@@ -16,7 +16,7 @@ SCHEDULES = ("constant", "cosine")
 @dataclass(kw_only=True)
 class StageConfig:
     shards: str = ""
-    """Folder of this stage's shards (written by pipelines.mix); relative paths are under data_root."""
+    """Folder of this stage's shards (written by pipelines.mix); a relative one is under data_root or the mixture's."""
     steps: int = 10
     """Optimizer steps."""
     lr: float = 1e-4
@@ -111,8 +111,11 @@ class TrainConfig:
     """Run name: stage runs are {name}-stage_{S}; the same name resumes."""
     seed: int = 0
     """Seeds model init, data order and every random draw."""
-    data_root: str = "outputs/stages"
-    """Root of relative stage shard folders."""
+    mixture: str = ""
+    """The mix recipe (configs/data/mix_*.yaml) whose stage shards this trains on: relative stage shard folders
+    are under its {out_dir}/{recipe}. A relative path is from the working directory, else from the repository."""
+    data_root: str = ""
+    """Root of relative stage shard folders; when set it wins over mixture (neither: outputs/stages)."""
     stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))
     """Which stages to run, in order (e.g. [II, III] to start from stage I's weights)."""
     stage_init: str = "previous"

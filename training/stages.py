@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common import faults
-from common.config import save_resolved, to_dict
+from common.config import load_config, save_resolved, to_dict
 from common.lineage import REGISTERED_TAG, find_stage_model, register_model, stage_dataset
 from common.ray_session import ray_session
 from common.tracking import PARENT_ENV, pipeline_run, resolve_uri
@@ -32,10 +32,30 @@ from training.runner import train_loop_per_worker
 log = logging.getLogger("training.stages")
 
 
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_ROOT = "outputs/stages"
+
+
+def data_root(cfg: TrainConfig) -> Path:
+    """Where relative stage shard folders are: data_root when given, else where the mixture recipe writes its
+    stages ({out_dir}/{recipe}, data_prep.mixing), else outputs/stages."""
+    if cfg.data_root:
+        return Path(cfg.data_root)
+    if not cfg.mixture:
+        return Path(DEFAULT_DATA_ROOT)
+    from data_prep.mixing import MixConfig
+
+    recipe = Path(cfg.mixture)
+    if not recipe.is_absolute() and not recipe.exists():
+        recipe = REPO / recipe
+    mix = load_config(MixConfig, recipe)
+    return Path(mix.out_dir) / mix.recipe
+
+
 def stage_shard_paths(cfg: TrainConfig, stage: str) -> list[Path]:
     folder = Path(cfg.stage[stage].shards or f"stage_{stage}")
     if not folder.is_absolute():
-        folder = Path(cfg.data_root) / folder
+        folder = data_root(cfg) / folder
     tars = sorted(folder.glob("*.tar"))
     if not tars:
         raise FileNotFoundError(f"stage {stage}: no .tar shards in {folder.resolve()} (stage.{stage}.shards)")
