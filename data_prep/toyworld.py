@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common.io import atomic_write_json, file_sha256
 from data_prep import toy_render
 from data_prep.schema import IMAGE_TAG
 from data_prep.shards import write_tar
@@ -328,11 +329,7 @@ SOURCE_SPECS: dict[str, dict[str, str]] = {
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def build_toyworld(cfg: ToyWorldConfig, log: Callable[[str], None] = print) -> Path:
@@ -355,5 +352,5 @@ def build_toyworld(cfg: ToyWorldConfig, log: Callable[[str], None] = print) -> P
             "sha256": hashlib.sha256(json.dumps(hashes).encode()).hexdigest(),
         }
         log(f"toyworld: {name:<12} train={counts['train']:<6} eval={counts['eval']:<6} -> {final}")
-    (out / "toyworld.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out / "toyworld.json", summary)
     return out
