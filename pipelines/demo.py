@@ -3,31 +3,40 @@
 One local Ray instance and one MLflow parent run for the whole pipeline: build the toy world, curate it,
 fit the debug VQ (Janus-Pro) and VAE (JanusFlow) on the toy images, and per family mix the stage shards,
 train the three stages and evaluate the last one; then print a summary table and where everything went.
-Every step is the job a user would run by hand (its ``main`` with the recipe and the demo's overrides), so
-the demo exercises the real CLIs. Paths are relative to the working directory: everything lands under
-``outputs/``.
+Every step runs a job's library entry point with the config its CLI would build (the recipe, then the demo's
+overrides), and hands its result to the next step: the fitted tokenizers' folders to training, the stage shards'
+folder to training, the last stage's weights to evaluation. Paths are relative to the working directory:
+everything lands under ``outputs/``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from common.config import load_config, parse_job_args, save_resolved, to_flat_dict
+from common.io import atomic_write_text
 from common.ray_session import ray_session
-from common.tracking import TrackingConfig, build_tracker, pipeline_run, resolve_uri
+from common.tracking import Tracker, TrackingConfig, build_tracker, pipeline_run, resolve_uri
+from data_prep.curation import CurateConfig, CurateResult, curate
+from data_prep.mixing import MixConfig, MixResult, mix
 from data_prep.toyworld import ToyWorldConfig, build_toyworld
+from evaluation.toy_eval import EvalConfig, EvalReport, accuracy_table, run_evaluation
 from model.family import get_family
+from training.config import TrainConfig
+from training.stages import run_training
+from training.tokenizers import FitTokenizersConfig, TokenizerFitResult, run_fit_tokenizers
 
 log = logging.getLogger("pipelines.demo")
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("janus_pro", "janusflow")
+T = TypeVar("T")
 
 
 @dataclass(kw_only=True)
@@ -87,154 +96,149 @@ def recipe_path(path: str) -> str:
     return str(p if p.is_absolute() or p.exists() else REPO / p)
 
 
-def _tracking_overrides(cfg: DemoConfig) -> list[str]:
-    return [
+@dataclass(kw_only=True)
+class FamilyResult:
+    """What the demo produced for one model family, step by step."""
+
+    mixture: MixResult
+    finals: dict[str, Path]
+    """Training stage -> its final weights folder."""
+    evaluation: EvalReport
+
+
+@dataclass(kw_only=True)
+class DemoResult:
+    toyworld: Path
+    curated: CurateResult
+    tokenizers: TokenizerFitResult
+    families: dict[str, FamilyResult]
+    timings: dict[str, float]
+    """Step name -> seconds."""
+
+    def evaluation_results(self) -> dict[str, dict[str, dict]]:
+        """family -> metric -> {n, accuracy, chance, ratio_to_chance}."""
+        return {family: r.evaluation.results for family, r in self.families.items()}
+
+
+class _Steps:
+    """Runs the pipeline's steps in order, timing each one into the parent run."""
+
+    def __init__(self, parent: Tracker) -> None:
+        self.parent = parent
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable[[], T]) -> T:
+        log.info("demo: %s", name)
+        start = time.perf_counter()
+        out = fn()
+        self.timings[name] = time.perf_counter() - start
+        self.parent.log_metrics({f"time_s/{name}": self.timings[name]})
+        return out
+
+
+def job_config(schema: type[T], recipe: str, cfg: DemoConfig, *overrides: str) -> T:
+    """A job's config as its CLI would build it: the recipe, the demo's tracking, then the overrides."""
+    tracking = [
         f"tracking.uri={resolve_uri(cfg.tracking)}",
         f"tracking.experiment={cfg.tracking.experiment}",
         f"tracking.backend={cfg.tracking.backend}",
     ]
+    return load_config(schema, recipe_path(recipe), [*tracking, *overrides])
 
 
-def _run_job(main: Callable[[Sequence[str]], int], recipe: str, overrides: list[str]) -> None:
-    status = main(["--config", recipe_path(recipe), *overrides])
-    if status:
-        raise RuntimeError(f"{main.__module__} exited with status {status}")
+def build_world(cfg: DemoConfig) -> Path:
+    with build_tracker(cfg.tracking, "toyworld") as tracker:
+        world = build_toyworld(cfg.toyworld)
+        tracker.log_params(to_flat_dict(cfg.toyworld))
+        tracker.log_artifact(world / "toyworld.json")
+    return world
 
 
-def tokenizer_dir(cfg: DemoConfig) -> Path:
-    return Path(cfg.out_dir) / "tokenizers"
-
-
-def eval_dir(cfg: DemoConfig, family: str) -> Path:
-    return Path(cfg.out_dir) / "eval" / family
-
-
-def family_train_args(cfg: DemoConfig, family: str) -> list[str]:
-    """The training job's overrides: the demo's, after the fitted tokenizer of the family."""
-    tokenizer = get_family(family).tokenizer
-    fitted = f"model.{tokenizer.config_key}={tokenizer_dir(cfg) / tokenizer.name}"
-    return [*_tracking_overrides(cfg), fitted, *cfg.train_overrides]
-
-
-def final_checkpoint(cfg: DemoConfig, family: str) -> Path:
-    """Where the family's training job publishes the last stage's weights."""
-    from training.config import TrainConfig
-    from training.stages import stage_dir
-
-    train_cfg = load_config(TrainConfig, recipe_path(cfg.train_recipes[family]), family_train_args(cfg, family))
-    return stage_dir(train_cfg, train_cfg.stages[-1]) / "final"
-
-
-def demo_steps(cfg: DemoConfig) -> list[tuple[str, Callable[[], object]]]:
-    """The pipeline as (name, thunk) pairs, in order."""
-    from pipelines import curate, evaluate, fit_tokenizers, mix, train
-
-    track = _tracking_overrides(cfg)
-
-    def toyworld() -> None:
-        with build_tracker(cfg.tracking, "toyworld") as tracker:
-            world = build_toyworld(cfg.toyworld)
-            tracker.log_params(to_flat_dict(cfg.toyworld))
-            tracker.log_artifact(world / "toyworld.json")
-
+def fit_tokenizers(cfg: DemoConfig, world: Path) -> TokenizerFitResult:
+    """Fit only the tokenizers of the families that train."""
     needed = {get_family(f).tokenizer.name for f in cfg.families}
-    fit_args = [
-        *track,
-        f"out_dir={tokenizer_dir(cfg)}",
-        f"toyworld_dir={cfg.toyworld.out_dir}",
-        *(f"{kind}.enabled={kind in needed}" for kind in ("vq", "vae")),  # only the trained families' tokenizers
-        *cfg.fit_overrides,
-    ]
-    steps: list[tuple[str, Callable[[], object]]] = [
-        ("toyworld", toyworld),
-        ("curate", lambda: _run_job(curate.main, cfg.curate_recipe, [*track, *cfg.curate_overrides])),
-        ("fit_tokenizers", lambda: _run_job(fit_tokenizers.main, cfg.fit_recipe, fit_args)),
-    ]
-    mix_args = [*track, *cfg.mix_overrides]
-    for family in cfg.families:
-        eval_args = [
-            *track,
-            f"checkpoint={final_checkpoint(cfg, family)}",
-            f"toyworld_dir={cfg.toyworld.out_dir}",
-            f"out_dir={eval_dir(cfg, family)}",
-            f"family={family}",
-            *([f"vae_path={tokenizer_dir(cfg) / 'vae'}"] if get_family(family).needs_vae else []),
-            *cfg.eval_overrides,
-        ]
-        train_args = family_train_args(cfg, family)
-        steps += [
-            (f"mix/{family}", lambda f=family: _run_job(mix.main, cfg.mix_recipes[f], mix_args)),
-            (f"train/{family}", lambda f=family, a=train_args: _run_job(train.main, cfg.train_recipes[f], a)),
-            (f"evaluate/{family}", lambda a=eval_args: _run_job(evaluate.main, cfg.eval_recipe, a)),
-        ]
-    return steps
+    enabled = [f"{kind}.enabled={kind in needed}" for kind in ("vq", "vae")]
+    out = f"out_dir={Path(cfg.out_dir) / 'tokenizers'}"
+    fit_cfg = job_config(
+        FitTokenizersConfig, cfg.fit_recipe, cfg, out, f"toyworld_dir={world}", *enabled, *cfg.fit_overrides
+    )
+    return run_fit_tokenizers(fit_cfg)
 
 
-def evaluation_results(cfg: DemoConfig) -> dict[str, dict[str, dict]]:
-    """family -> metric -> {n, accuracy, chance, ratio_to_chance} from each family's eval.json."""
-    out = {}
-    for family in cfg.families:
-        report = eval_dir(cfg, family) / "eval.json"
-        if report.is_file():
-            out[family] = json.loads(report.read_text())["results"]
-    return out
+def train_and_evaluate(
+    cfg: DemoConfig, family: str, world: Path, fitted: TokenizerFitResult, step: _Steps
+) -> FamilyResult:
+    """Mix the family's stage shards, train its stages on them with the fitted tokenizer, evaluate the last."""
+    mixture = step(
+        f"mix/{family}", lambda: mix(job_config(MixConfig, cfg.mix_recipes[family], cfg, *cfg.mix_overrides))
+    )
+    tokenizer = get_family(family).tokenizer
+    train_cfg = job_config(
+        TrainConfig,
+        cfg.train_recipes[family],
+        cfg,
+        f"data_root={mixture.out_dir}",
+        f"model.{tokenizer.config_key}={fitted.paths[tokenizer.name]}",
+        *cfg.train_overrides,
+    )
+    finals = step(f"train/{family}", lambda: run_training(train_cfg))
+    eval_cfg = job_config(
+        EvalConfig,
+        cfg.eval_recipe,
+        cfg,
+        f"checkpoint={finals[train_cfg.stages[-1]]}",
+        f"toyworld_dir={world}",
+        f"out_dir={Path(cfg.out_dir) / 'eval' / family}",
+        f"family={family}",
+        *([f"vae_path={fitted.paths['vae']}"] if get_family(family).needs_vae else []),
+        *cfg.eval_overrides,
+    )
+    report = step(f"evaluate/{family}", lambda: run_evaluation(eval_cfg))
+    return FamilyResult(mixture=mixture, finals=finals, evaluation=report)
 
 
-def summary_table(results: dict[str, dict[str, dict]]) -> str:
-    """One row per (family, metric): accuracy against chance."""
-    rows = [(f, name, r) for f, metrics in results.items() for name, r in metrics.items()]
-    if not rows:
-        return "(no evaluation results)"
-    width = max(len(name) for _, name, _ in rows) + 2
-    lines = [f"{'family':<10} {'metric':<{width}} {'n':>5} {'accuracy':>9} {'chance':>7} {'x chance':>9}"]
-    for family, name, r in rows:
-        chance = f"{r['chance']:.3f}" if r.get("chance") is not None else "-"
-        ratio = f"{r['ratio_to_chance']:.2f}" if r.get("ratio_to_chance") is not None else "-"
-        lines.append(f"{family:<10} {name:<{width}} {r['n']:>5} {r['accuracy']:>9.3f} {chance:>7} {ratio:>9}")
-    return "\n".join(lines)
-
-
-def run_demo(cfg: DemoConfig) -> dict[str, float]:
-    timings: dict[str, float] = {}
+def run(cfg: DemoConfig) -> DemoResult:
+    """The whole pipeline under one Ray instance and one MLflow parent run; each step's result feeds the next."""
     # one local Ray for every job (each job joins a running one)
     with ray_session(cfg.ray_num_cpus), pipeline_run(cfg.tracking, "demo") as parent:
         parent.log_params(to_flat_dict(cfg))
         save_resolved(cfg, cfg.out_dir)
-        for name, step in demo_steps(cfg):
-            start = time.perf_counter()
-            log.info("demo: %s", name)
-            step()
-            timings[name] = time.perf_counter() - start
-            parent.log_metrics({f"time_s/{name}": timings[name]})
-        parent.log_metrics({"time_s/total": sum(timings.values())})
-        results = evaluation_results(cfg)
+        step = _Steps(parent)
+        world = step("toyworld", lambda: build_world(cfg))
+        curated = step(
+            "curate", lambda: curate(job_config(CurateConfig, cfg.curate_recipe, cfg, *cfg.curate_overrides))
+        )
+        fitted = step("fit_tokenizers", lambda: fit_tokenizers(cfg, world))
+        families = {f: train_and_evaluate(cfg, f, world, fitted, step) for f in cfg.families}
+        parent.log_metrics({"time_s/total": sum(step.timings.values())})
+        result = DemoResult(toyworld=world, curated=curated, tokenizers=fitted, families=families, timings=step.timings)
         parent.log_metrics(
             {
                 f"{family}/{name}/{key}": float(r[key])
-                for family, metrics in results.items()
+                for family, metrics in result.evaluation_results().items()
                 for name, r in metrics.items()
                 for key in ("accuracy", "ratio_to_chance")
                 if r.get(key) is not None
             }
         )
         summary = Path(cfg.out_dir) / "summary.txt"
-        summary.write_text(summary_table(results) + "\n")
+        atomic_write_text(summary, accuracy_table(result.evaluation_results()) + "\n")
         parent.log_artifact(summary)
-    return timings
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_job_args(DemoConfig, argv, prog="python -m pipelines.demo", doc=__doc__ or "")
-    timings = run_demo(cfg)
+    result = run(cfg)
     print("\ndemo finished:")
-    for step, seconds in timings.items():
+    for step, seconds in result.timings.items():
         print(f"  {step:<20} {seconds:8.1f}s")
-    print(f"  {'total':<20} {sum(timings.values()):8.1f}s")
+    print(f"  {'total':<20} {sum(result.timings.values()):8.1f}s")
     print("\nevaluation (held-out toy questions; generated images graded by independent judges):")
-    print(summary_table(evaluation_results(cfg)))
+    print(accuracy_table(result.evaluation_results()))
     print(f"\noutputs: {Path(cfg.out_dir).resolve()}")
-    for family in cfg.families:
-        print(f"  {family}: sample grids in {eval_dir(cfg, family).resolve()}")
+    for family, r in result.families.items():
+        print(f"  {family}: sample grids in {Path(r.evaluation.out_dir).resolve()}")
     if cfg.tracking.backend == "mlflow":
         uri = resolve_uri(cfg.tracking)
         print(f"MLflow runs: {uri}\n  open the UI with: .venv/bin/mlflow ui --backend-store-uri {uri}")
