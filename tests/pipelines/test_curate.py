@@ -15,9 +15,10 @@ from common.tracking import TrackingConfig
 from data_prep.curated_shards import DRILL_SHARD, ShardConfig
 from data_prep.curation import DRILL_UNIT
 from data_prep.imaging import ImageConfig
+from data_prep.manifests import CuratedManifest
 from data_prep.schema import decode_sample, make_key
 from data_prep.sources import SourceConfig
-from pipelines.curate import AccountingError, CurateConfig, ExecConfig, finish_source, main, run_curation
+from pipelines.curate import AccountingError, CurateConfig, ExecConfig, finish_source, main, run, run_curation
 from tests.data_prep.curate_fixtures import build_world, ray_local  # noqa: F401
 from tests.data_prep.dedup_reference import assert_job_agrees_with_reference
 
@@ -269,3 +270,17 @@ def test_failed_work_dir_of_other_config_is_discarded(world, tmp_path, ray_local
     assert (out / "_work" / "config_hash").read_text() != stamp
     assert result["kept"] == 4 and result["rejects_by_reason"] == {"empty_text": 1}
     shutil.rmtree(out)
+
+
+def test_run_says_where_each_curated_source_is(world, tmp_path, ray_local):  # noqa: F811
+    """``run`` hands the next job each source's manifest (what the demo chains into the mix)."""
+    cfg = CurateConfig(
+        sources=[SourceConfig(**world["text"])],
+        out_dir=str(tmp_path / "out"),
+        exec=ExecConfig(progress=False),
+        tracking=TrackingConfig(backend="none"),
+    )
+    result = run(cfg)
+    assert result.out_dir == (tmp_path / "out").absolute() and list(result.manifests) == ["text"]
+    manifest = CuratedManifest.read(result.manifests["text"])
+    assert result.kept == {"text": manifest.kept} and manifest.kept == 3

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, load_config
+from data_prep.manifests import MANIFEST_NAME, StageManifest
 from data_prep.shards import read_samples
-from pipelines.mix import MixConfig, main
+from pipelines.mix import MixConfig, main, run
 from tests.data_prep.curate_fixtures import ray_local  # noqa: F401 - session fixture
 from tests.data_prep.mix_fixtures import write_toy_curated
 
@@ -200,3 +201,14 @@ def test_parallel_writers_and_locations_do_not_change_bytes(ray_local: None, cur
     assert len(files) == 3 + 5 + 10 + 7  # three manifests and every shard
     for rel in files:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_run_says_where_each_stage_is(curated: Path, tmp_path: Path) -> None:
+    """``run`` hands the next job each stage's folder and manifest (what the demo chains into training)."""
+    overrides = [f"curated_dir={curated}", f"out_dir={tmp_path}", "tracking.backend=none", "only=[stage1]"]
+    result = run(load_config(MixConfig, CONFIGS / "mix_toy_janus_pro.yaml", overrides))
+    assert result.out_dir == tmp_path / "toy_janus_pro" and list(result.stage_dirs) == ["stage1"]
+    assert StageManifest.read(result.stage_dirs["stage1"] / MANIFEST_NAME) == result.manifests["stage1"]
+    assert sorted(p.name for p in result.stage_dirs["stage1"].glob("*.tar")) == [
+        s.name for s in result.manifests["stage1"].shards
+    ]
