@@ -96,24 +96,42 @@ def parse_args(argv: Sequence[str] | None) -> GenerateConfig:
         raise
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+@dataclass(kw_only=True)
+class GenerateResult:
+    answer: str | None
+    """The answer to ``question`` (None when none was asked)."""
+    images: list[Path]
+    """The written images of ``prompt`` (empty when none was asked)."""
+
+
+def run(cfg: GenerateConfig) -> GenerateResult:
+    """Answer the question and/or sample the prompt's images into ``out``."""
+    torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)
-    lm = load_for_inference(args.checkpoint, args.vae)
-    if args.question:
-        image = Path(args.image).read_bytes() if args.image else None
-        print(answer(lm, [(image, args.question)], max_new_tokens=64)[0])
-    if args.prompt:
-        out = Path(args.out)
+    lm = load_for_inference(cfg.checkpoint, cfg.vae)
+    result = GenerateResult(answer=None, images=[])
+    if cfg.question:
+        image = Path(cfg.image).read_bytes() if cfg.image else None
+        result.answer = answer(lm, [(image, cfg.question)], max_new_tokens=64)[0]
+    if cfg.prompt:
+        out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         images = generate_images(
-            lm, [args.prompt] * args.num, seed=args.seed, cfg_weight=args.cfg_weight, temperature=args.temperature
+            lm, [cfg.prompt] * cfg.num, seed=cfg.seed, cfg_weight=cfg.cfg_weight, temperature=cfg.temperature
         )
         for i, img in enumerate(images):
-            path = out / f"{slug(args.prompt)}-{i}.png"
+            path = out / f"{slug(cfg.prompt)}-{i}.png"
             img.save(path, format="PNG")
-            print(path)
+            result.images.append(path)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    result = run(parse_args(argv))
+    if result.answer is not None:
+        print(result.answer)
+    for path in result.images:
+        print(path)
     return 0
 
 
