@@ -104,9 +104,9 @@ def child(n: int, cpus: int, interval: float) -> dict:
 
     from common.tracking import TrackingConfig
     from data_prep.curated_shards import ShardConfig
+    from data_prep.curation import CurateConfig, ExecConfig, run_curation
     from data_prep.filters import FilterConfig
     from data_prep.sources import SourceConfig
-    from pipelines.curate import CurateConfig, ExecConfig, run_curation
 
     with tempfile.TemporaryDirectory(prefix="curate-mem-") as tmp:
         src = make_corpus(Path(tmp) / "src", n)

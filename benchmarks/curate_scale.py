@@ -140,8 +140,8 @@ def check(t: pa.Table, radius: int) -> pa.Table:
 def child(args: argparse.Namespace) -> dict:
     import ray
 
+    from data_prep.curation import configure_ray_data
     from data_prep.dedup_stages import dedup_decisions
-    from pipelines.curate import configure_ray_data
 
     n, radius, interval = args.child, args.max_hamming, args.interval
     store = int(args.object_store_gb * 2**30) if args.object_store_gb else None

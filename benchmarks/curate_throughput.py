@@ -4,9 +4,9 @@
 
 Both sides read the same image folder (photo-like JPEGs + caption sidecars) and do the same per-sample work:
 read, decode, content hash, resize to the short side, perceptual hash, JPEG encode, tar write. The job
-(pipelines.curate.run_curation) also does what the loop does not: validation, staging for resume, global
+(data_prep.curation.run_curation) also does what the loop does not: validation, staging for resume, global
 dedup, shard parquet/stats, rejects and manifests. Ray is started the way the job's CLI starts it
-(pipelines.curate.ray_session) before the clock starts (a cluster is already up); that and a warm-up (Ray
+(common.ray_session.ray_session) before the clock starts (a cluster is already up); that and a warm-up (Ray
 Data's first dataset, a tiny job so that the workers have imported the job's modules) are timed apart.
 The machine may be shared: the loop, the loop split over --cpus processes without Ray (what the machine
 gives right now) and the job alternate for --rounds; the best wall time of each is reported.
@@ -34,8 +34,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from common.ray_session import ray_session
 from common.tracking import TrackingConfig
 from data_prep.curated_shards import ShardConfig
+from data_prep.curation import CurateConfig, ExecConfig, run_curation
 from data_prep.imaging import (
     ImageConfig,
     content_hash,
@@ -47,7 +49,6 @@ from data_prep.imaging import (
 from data_prep.schema import Sample, SampleMeta, encode_sample, image_sha256, make_key
 from data_prep.shards import TarShardWriter, shard_name
 from data_prep.sources import SourceConfig
-from pipelines.curate import CurateConfig, ExecConfig, ray_session, run_curation
 
 SHARD_SAMPLES = 200
 

@@ -14,20 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from common.config import parse_job_args
-from common.ray_session import ray_session  # noqa: F401 - importable here (benchmarks)
-from data_prep.curation import (  # noqa: F401 - the job's names (tests, benchmarks) stay importable from here
-    LOG_DIR,
-    WORK_DIR,
-    AccountingError,
-    CurateConfig,
-    CurateResult,
-    ExecConfig,
-    configure_ray_data,
-    content_config_hash,
-    curate,
-    finish_source,
-    run_curation,
-)
+from data_prep.curation import CurateConfig, CurateResult, curate
 from data_prep.report import summary_table
 
 CONFIG = CurateConfig

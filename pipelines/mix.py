@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common.config import parse_job_args
 from data_prep.manifests import StageManifest
-from data_prep.mixing import MixConfig, MixResult, content_hash, mix  # noqa: F401 - content_hash: importable here
+from data_prep.mixing import MixConfig, MixResult, mix
 
 log = logging.getLogger("pipelines.mix")
 

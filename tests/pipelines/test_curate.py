@@ -13,12 +13,12 @@ from common.config import ConfigError, load_config
 from common.faults import Fault
 from common.tracking import TrackingConfig
 from data_prep.curated_shards import DRILL_SHARD, ShardConfig
-from data_prep.curation import DRILL_UNIT
+from data_prep.curation import DRILL_UNIT, AccountingError, CurateConfig, ExecConfig, finish_source, run_curation
 from data_prep.imaging import ImageConfig
 from data_prep.manifests import CuratedManifest
 from data_prep.schema import decode_sample, make_key
 from data_prep.sources import SourceConfig
-from pipelines.curate import AccountingError, CurateConfig, ExecConfig, finish_source, main, run, run_curation
+from pipelines.curate import main, run
 from tests.data_prep.curate_fixtures import build_world, ray_local  # noqa: F401
 from tests.data_prep.dedup_reference import assert_job_agrees_with_reference
 

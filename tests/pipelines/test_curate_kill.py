@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from pipelines.curate import CurateConfig, run_curation
+from data_prep.curation import CurateConfig, run_curation
 from tests.data_prep.curate_fixtures import pattern, ray_local  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]

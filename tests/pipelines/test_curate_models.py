@@ -13,6 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from common.tracking import TrackingConfig
+from data_prep.curation import CurateConfig, ExecConfig, run_curation
 from data_prep.dedup import DedupConfig, SemanticConfig
 from data_prep.filters import FilterConfig
 from data_prep.imaging import ImageConfig, phash64
@@ -21,7 +22,6 @@ from data_prep.schema import decode_sample
 from data_prep.scorers import EMBEDDING, ScorerConfig
 from data_prep.semdedup import EmbeddingsConfig
 from data_prep.sources import SourceConfig
-from pipelines.curate import CurateConfig, ExecConfig, run_curation
 from tests.data_prep.curate_fixtures import pattern, photo, ray_local, write_jsonl  # noqa: F401
 from tests.data_prep.model_fixtures import (
     PHOTOS,

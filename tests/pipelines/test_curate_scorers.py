@@ -9,11 +9,11 @@ import torch
 import webdataset as wds
 
 from common.tracking import TrackingConfig
+from data_prep.curation import CurateConfig, ExecConfig, run_curation
 from data_prep.filters import FilterConfig
 from data_prep.schema import decode_sample
 from data_prep.scorers import ImageScorer, ScorerConfig, build_tiny_cnn
 from data_prep.sources import SourceConfig
-from pipelines.curate import CurateConfig, ExecConfig, run_curation
 from tests.data_prep.curate_fixtures import pattern, ray_local, write_jsonl  # noqa: F401
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
+from data_prep.curation import CurateConfig, run_curation
 from data_prep.toyworld import SplitSizes, ToyWorldConfig, build_toyworld
-from pipelines.curate import CurateConfig, run_curation
 from tests.data_prep.curate_fixtures import ray_local  # noqa: F401
 from tests.data_prep.dedup_reference import assert_job_agrees_with_reference
 

@@ -10,8 +10,9 @@ import pytest
 
 from common.config import ConfigError, load_config
 from data_prep.manifests import MANIFEST_NAME, StageManifest
+from data_prep.mixing import MixConfig
 from data_prep.shards import read_samples
-from pipelines.mix import MixConfig, main, run
+from pipelines.mix import main, run
 from tests.data_prep.curate_fixtures import ray_local  # noqa: F401 - session fixture
 from tests.data_prep.mix_fixtures import write_toy_curated
 

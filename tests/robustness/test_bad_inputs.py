@@ -20,10 +20,10 @@ from PIL import Image
 from common import faults
 from common.config import load_config
 from common.faults import Fault
-from data_prep.curation import DRILL_UNIT
+from data_prep.curation import DRILL_UNIT, CurateConfig, run_curation
 from data_prep.schema import decode_sample
 from data_prep.shards import iter_tar_records
-from pipelines.curate import CurateConfig, main, run_curation
+from pipelines.curate import main
 from tests.data_prep.curate_fixtures import ray_local  # noqa: F401
 from tests.data_prep.dedup_reference import assert_job_agrees_with_reference
 from tests.robustness.bad_inputs import BadCorpus, build_bad_corpus

@@ -27,11 +27,11 @@ from common import faults
 from common.faults import Fault
 from common.tracking import TrackingConfig
 from data_prep.curated_shards import ShardConfig
+from data_prep.curation import CurateConfig, ExecConfig, run_curation
 from data_prep.schema import encode_sample
 from data_prep.shards import write_tar
 from data_prep.sources import SourceConfig
 from model.weights import DONE_FILE
-from pipelines.curate import CurateConfig, ExecConfig, run_curation
 from tests.data_prep.curate_fixtures import ray_local, write_jsonl  # noqa: F401
 from training.checkpoint import checkpoint_step, latest_complete_checkpoint
 
