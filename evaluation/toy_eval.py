@@ -318,11 +318,35 @@ def run_evaluation(cfg: EvalConfig) -> EvalReport:
     return report
 
 
+def over_seeds(reports: list[EvalReport]) -> dict[str, dict]:
+    """Metric -> mean accuracy over the reports (one per training seed), its min, max and spread (max - min),
+    summed n, chance and the mean's ratio to chance; with one report its results as they are."""
+    if len(reports) == 1:
+        return reports[0].results
+    out = {}
+    for name in reports[0].results:
+        runs = [r.results[name] for r in reports if name in r.results]
+        accs = [r["accuracy"] for r in runs]
+        mean, chance = sum(accs) / len(accs), runs[0].get("chance")
+        out[name] = {
+            "n": sum(r["n"] for r in runs),
+            "accuracy": mean,
+            "accuracy_min": min(accs),
+            "accuracy_max": max(accs),
+            "spread": max(accs) - min(accs),
+            "seeds": len(runs),
+            "chance": chance,
+            "ratio_to_chance": mean / chance if chance else None,
+        }
+    return out
+
+
 def accuracy_table(results: dict[str, dict[str, dict]]) -> str:
-    """One row per (family, metric): n, accuracy, chance and the ratio to chance."""
+    """One row per (family, metric): n, accuracy (mean +- spread over seeds, where there are several), chance
+    and the ratio to chance."""
     rows = [
-        [family, name, str(r["n"]), f"{r['accuracy']:.3f}", _maybe(r.get("chance"), ".3f"),
-         _maybe(r.get("ratio_to_chance"), ".2f")]
+        [family, name, str(r["n"]), f"{r['accuracy']:.3f}" + (f" +-{r['spread']:.3f}" if "spread" in r else ""),
+         _maybe(r.get("chance"), ".3f"), _maybe(r.get("ratio_to_chance"), ".2f")]
         for family, metrics in results.items()
         for name, r in metrics.items()
     ]  # fmt: skip

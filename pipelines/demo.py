@@ -26,7 +26,7 @@ from common.tracking import Tracker, TrackingConfig, build_tracker, pipeline_run
 from data_prep.curation import CurateConfig, CurateResult, curate
 from data_prep.mixing import MixConfig, MixResult, mix
 from data_prep.toyworld import ToyWorldConfig, build_toyworld
-from evaluation.toy_eval import EvalConfig, EvalReport, accuracy_table, run_evaluation
+from evaluation.toy_eval import EvalConfig, EvalReport, accuracy_table, over_seeds, run_evaluation
 from model.family import get_family
 from training.config import TrainConfig
 from training.stages import run_training
@@ -77,6 +77,10 @@ class DemoConfig:
     """Extra key=value overrides for the training jobs (e.g. fewer steps)."""
     eval_overrides: list[str] = field(default_factory=list)
     """Extra key=value overrides for the evaluation jobs (e.g. fewer questions)."""
+    seeds: list[int] = field(default_factory=list)
+    """Training seeds: each family trains and is evaluated once per seed (checkpoints named
+    ``{recipe name}-seed{N}``) and the summary shows each metric's mean and spread (max - min) over them.
+    Empty = one run with the recipe's own seed and names."""
     ray_num_cpus: int = 0
     """CPUs of the local Ray instance; 0 = all of this machine's."""
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(uri="sqlite:///outputs/mlflow.db"))
@@ -86,6 +90,8 @@ class DemoConfig:
         bad = sorted(set(self.families) - set(FAMILIES))
         if bad or not self.families:
             raise ValueError(f"families: {bad or 'none given'}; choose from {list(FAMILIES)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} names a seed twice")
 
 
 CONFIG = DemoConfig
@@ -97,13 +103,25 @@ def recipe_path(path: str) -> str:
 
 
 @dataclass(kw_only=True)
-class FamilyResult:
-    """What the demo produced for one model family, step by step."""
+class SeedResult:
+    """One training run of a family and its evaluation."""
 
-    mixture: MixResult
     finals: dict[str, Path]
     """Training stage -> its final weights folder."""
     evaluation: EvalReport
+
+
+@dataclass(kw_only=True)
+class FamilyResult:
+    """What the demo produced for one model family: its stage shards and a training run per seed."""
+
+    mixture: MixResult
+    runs: dict[int, SeedResult]
+    """Training seed -> its run."""
+
+    def results(self) -> dict[str, dict]:
+        """Metric -> result; over several seeds the mean accuracy with its min, max and spread."""
+        return over_seeds([r.evaluation for r in self.runs.values()])
 
 
 @dataclass(kw_only=True)
@@ -116,8 +134,8 @@ class DemoResult:
     """Step name -> seconds."""
 
     def evaluation_results(self) -> dict[str, dict[str, dict]]:
-        """family -> metric -> {n, accuracy, chance, ratio_to_chance}."""
-        return {family: r.evaluation.results for family, r in self.families.items()}
+        """family -> metric -> {n, accuracy, chance, ratio_to_chance} (+ spread etc. over several seeds)."""
+        return {family: r.results() for family, r in self.families.items()}
 
 
 class _Steps:
@@ -168,33 +186,56 @@ def fit_tokenizers(cfg: DemoConfig, world: Path) -> TokenizerFitResult:
 def train_and_evaluate(
     cfg: DemoConfig, family: str, world: Path, fitted: TokenizerFitResult, step: _Steps
 ) -> FamilyResult:
-    """Mix the family's stage shards, train its stages on them with the fitted tokenizer, evaluate the last."""
+    """Mix the family's stage shards, then per seed train its stages on them with the fitted tokenizer and
+    evaluate the last stage."""
     mixture = step(
         f"mix/{family}", lambda: mix(job_config(MixConfig, cfg.mix_recipes[family], cfg, *cfg.mix_overrides))
     )
     tokenizer = get_family(family).tokenizer
-    train_cfg = job_config(
-        TrainConfig,
-        cfg.train_recipes[family],
-        cfg,
-        f"data_root={mixture.out_dir}",
-        f"model.{tokenizer.config_key}={fitted.paths[tokenizer.name]}",
-        *cfg.train_overrides,
-    )
-    finals = step(f"train/{family}", lambda: run_training(train_cfg))
-    eval_cfg = job_config(
-        EvalConfig,
-        cfg.eval_recipe,
-        cfg,
-        f"checkpoint={finals[train_cfg.stages[-1]]}",
-        f"toyworld_dir={world}",
-        f"out_dir={Path(cfg.out_dir) / 'eval' / family}",
-        f"family={family}",
-        *([f"vae_path={fitted.paths['vae']}"] if get_family(family).needs_vae else []),
-        *cfg.eval_overrides,
-    )
-    report = step(f"evaluate/{family}", lambda: run_evaluation(eval_cfg))
-    return FamilyResult(mixture=mixture, finals=finals, evaluation=report)
+    fitted_args = [f"data_root={mixture.out_dir}", f"model.{tokenizer.config_key}={fitted.paths[tokenizer.name]}"]
+    recipe = job_config(TrainConfig, cfg.train_recipes[family], cfg, *fitted_args, *cfg.train_overrides)
+    runs = {}
+    for seed in cfg.seeds or [recipe.seed]:
+        # with seeds given, every run trains (and resumes) under its own name
+        per_seed = [f"seed={seed}", f"name={recipe.name}-seed{seed}"] if cfg.seeds else []
+        train_cfg = job_config(
+            TrainConfig, cfg.train_recipes[family], cfg, *fitted_args, *cfg.train_overrides, *per_seed
+        )
+        tag = f"{family}/seed{seed}" if cfg.seeds else family
+        finals = step(f"train/{tag}", lambda c=train_cfg: run_training(c))
+        eval_cfg = job_config(
+            EvalConfig,
+            cfg.eval_recipe,
+            cfg,
+            f"checkpoint={finals[train_cfg.stages[-1]]}",
+            f"toyworld_dir={world}",
+            f"out_dir={Path(cfg.out_dir) / 'eval' / tag}",
+            f"family={family}",
+            *([f"vae_path={fitted.paths['vae']}"] if get_family(family).needs_vae else []),
+            *cfg.eval_overrides,
+        )
+        report = step(f"evaluate/{tag}", lambda c=eval_cfg: run_evaluation(c))
+        runs[seed] = SeedResult(finals=finals, evaluation=report)
+    return FamilyResult(mixture=mixture, runs=runs)
+
+
+def result_metrics(result: DemoResult) -> dict[str, float]:
+    """The parent run's metrics: per family and metric the accuracy (the mean over seeds), its ratio to chance
+    and spread, every seed's own accuracy, and the prompt-binding gap of each run."""
+    out = {
+        f"{family}/{name}/{key}": float(r[key])
+        for family, metrics in result.evaluation_results().items()
+        for name, r in metrics.items()
+        for key in ("accuracy", "ratio_to_chance", "spread")
+        if r.get(key) is not None
+    }
+    for family, fam in result.families.items():
+        for seed, run in fam.runs.items():
+            prefix = f"{family}/seed{seed}" if len(fam.runs) > 1 else family
+            out.update({f"{prefix}/probe/prompt_binding/{k}": v for k, v in run.evaluation.prompt_binding.items()})
+            if len(fam.runs) > 1:
+                out.update({f"{prefix}/{n}/accuracy": float(r["accuracy"]) for n, r in run.evaluation.results.items()})
+    return out
 
 
 def run(cfg: DemoConfig) -> DemoResult:
@@ -212,15 +253,7 @@ def run(cfg: DemoConfig) -> DemoResult:
         families = {f: train_and_evaluate(cfg, f, world, fitted, step) for f in cfg.families}
         parent.log_metrics({"time_s/total": sum(step.timings.values())})
         result = DemoResult(toyworld=world, curated=curated, tokenizers=fitted, families=families, timings=step.timings)
-        parent.log_metrics(
-            {
-                f"{family}/{name}/{key}": float(r[key])
-                for family, metrics in result.evaluation_results().items()
-                for name, r in metrics.items()
-                for key in ("accuracy", "ratio_to_chance")
-                if r.get(key) is not None
-            }
-        )
+        parent.log_metrics(result_metrics(result))
         summary = Path(cfg.out_dir) / "summary.txt"
         atomic_write_text(summary, accuracy_table(result.evaluation_results()) + "\n")
         parent.log_artifact(summary)
@@ -231,14 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_job_args(DemoConfig, argv, prog="python -m pipelines.demo", doc=__doc__ or "")
     result = run(cfg)
     print("\ndemo finished:")
+    width = max(len(step) for step in [*result.timings, "total"]) + 2
     for step, seconds in result.timings.items():
-        print(f"  {step:<20} {seconds:8.1f}s")
-    print(f"  {'total':<20} {sum(result.timings.values()):8.1f}s")
+        print(f"  {step:<{width}} {seconds:8.1f}s")
+    print(f"  {'total':<{width}} {sum(result.timings.values()):8.1f}s")
     print("\nevaluation (held-out toy questions; generated images graded by independent judges):")
     print(accuracy_table(result.evaluation_results()))
     print(f"\noutputs: {Path(cfg.out_dir).resolve()}")
-    for family, r in result.families.items():
-        print(f"  {family}: sample grids in {Path(r.evaluation.out_dir).resolve()}")
+    for family, fam in result.families.items():
+        for run_ in fam.runs.values():
+            print(f"  {family}: sample grids in {Path(run_.evaluation.out_dir).resolve()}")
     if cfg.tracking.backend == "mlflow":
         uri = resolve_uri(cfg.tracking)
         print(f"MLflow runs: {uri}\n  open the UI with: .venv/bin/mlflow ui --backend-store-uri {uri}")

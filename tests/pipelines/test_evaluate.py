@@ -13,7 +13,7 @@ from PIL import Image
 from common.tracking import TrackingConfig
 from data_prep import toy_render
 from evaluation.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
-from evaluation.toy_eval import EvalConfig, prompt_binding, run_evaluation
+from evaluation.toy_eval import EvalConfig, EvalReport, accuracy_table, over_seeds, prompt_binding, run_evaluation
 from model.inference import load_for_inference
 from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.pipelines.eval_fixtures import make_checkpoint, small_world
@@ -134,3 +134,23 @@ def test_janusflow_prompt_binding_scores_both_prompts_at_one_flow_time(world: Pa
     assert binding["n"] == 4 and binding["right"] > 0.1 and abs(binding["gap"]) < 1e-3 * binding["right"]
     later = prompt_binding(EvalConfig(toyworld_dir=str(world), binding_samples=4, binding_t=0.9), lm)
     assert abs(later["right"] - binding["right"]) > 1e-3  # the flow time is the one asked for
+
+
+def _report(accuracies: dict[str, float]) -> EvalReport:
+    results = {
+        name: {"n": 10, "accuracy": acc, "chance": 0.1, "ratio_to_chance": acc / 0.1}
+        for name, acc in accuracies.items()
+    }
+    return EvalReport(checkpoint="c", family="janus_pro", flavor="debug", results=results, answers=[], seconds=1.0,
+                      out_dir="o")  # fmt: skip
+
+
+def test_results_over_seeds_give_mean_and_spread() -> None:
+    reports = [_report({"generation/digits": a, "understanding/digit": b}) for a, b in ((0.4, 0.8), (0.6, 0.7))]
+    assert over_seeds(reports[:1]) == reports[0].results  # one seed: its results as they are
+    digits = over_seeds(reports)["generation/digits"]
+    assert digits["accuracy"] == pytest.approx(0.5) and digits["spread"] == pytest.approx(0.2)
+    assert (digits["accuracy_min"], digits["accuracy_max"], digits["n"], digits["seeds"]) == (0.4, 0.6, 20, 2)
+    assert digits["ratio_to_chance"] == pytest.approx(5.0)
+    table = accuracy_table({"janus_pro": over_seeds(reports)})
+    assert "0.500 +-0.200" in table and "0.750 +-0.100" in table
