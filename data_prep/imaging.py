@@ -175,16 +175,26 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def encode_image(rgb: Image.Image, cfg: ImageConfig) -> bytes:
+def encode_pixels(img: Image.Image, ext: str, quality: int = 90, *, subsampling: int = -1) -> bytes:
+    """The one image encoder of the project: ``ext`` is a stored extension (jpg, png, webp); no metadata
+    chunks, no progressive or optimised JPEG, so the same pixels always give the same bytes. ``subsampling``
+    is JPEG's chroma subsampling (-1: PIL's default 4:2:0; 0: none, for small drawn images)."""
+    if ext not in ENCODE_FORMATS:
+        raise ValueError(f"unsupported image format {ext!r}; valid: {sorted(ENCODE_FORMATS)}")
+    fmt = ENCODE_FORMATS[ext]
     buf = io.BytesIO()
-    fmt = ENCODE_FORMATS[cfg.format]
     if fmt == "PNG":
-        rgb.save(buf, format=fmt, compress_level=6)
+        img.save(buf, format=fmt, compress_level=6)
     elif fmt == "WEBP":
-        rgb.save(buf, format=fmt, quality=cfg.quality, method=4)
+        img.save(buf, format=fmt, quality=quality, method=4)
     else:
-        rgb.save(buf, format=fmt, quality=cfg.quality, optimize=False, progressive=False)
+        img.save(buf, format=fmt, quality=quality, optimize=False, progressive=False, subsampling=subsampling)
     return buf.getvalue()
+
+
+def encode_image(rgb: Image.Image, cfg: ImageConfig) -> bytes:
+    """A curated image in the job's output format."""
+    return encode_pixels(rgb, cfg.format, cfg.quality)
 
 
 def normalise_image(decoded: Decoded, data: bytes, cfg: ImageConfig) -> tuple[Image.Image, bytes, str]:

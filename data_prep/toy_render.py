@@ -6,12 +6,13 @@ it shows, so captions, questions and later judges agree with the pixels by const
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from data_prep.imaging import encode_pixels
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -220,12 +221,7 @@ def render_text(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def encode_image(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
-    """PNG or JPEG bytes with no metadata chunks, deterministic for the same pixels."""
-    buf = io.BytesIO()
-    if fmt == "png":
-        img.save(buf, format="PNG", optimize=False, compress_level=6)
-    elif fmt == "jpg":
-        img.save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False)
-    else:
+    """PNG or JPEG bytes of a drawn image (no chroma subsampling: small shapes keep their colours' edges)."""
+    if fmt not in ("png", "jpg"):
         raise ValueError(f"unsupported image format {fmt!r}")
-    return buf.getvalue()
+    return encode_pixels(img, fmt, quality, subsampling=0)
