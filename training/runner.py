@@ -239,7 +239,7 @@ class StageRunner:
         """Collective: the metrics since the last flush, reduced over ranks (see training.step)."""
         return self.train_step.flush(self.stage_cfg.global_batch, self.peak)
 
-    def publish(self, tracker: Tracker, final: bool) -> None:
+    def write_outputs(self, tracker: Tracker, final: bool) -> None:
         """Collective: previews (and at the end: stage weights, export) from the gathered full weights."""
         weights, ema = gather_weights(self.task), gather_ema(self.ema)
         if weights is None:
@@ -374,7 +374,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 def run_stage_loop(
     runner: StageRunner, tracker: Tracker, cfg: TrainConfig, stage: str, driver_pgid: int, batches: Iterator
 ) -> None:
-    """Train the stage to its end: log, checkpoint, preview, publish the result.
+    """Train the stage to its end: log, checkpoint, preview, write the final weights and export.
 
     Fault point ``train.step_end`` (stage, rank, step): after each optimizer step and its checkpoint; a ``kill``
     drill there is a worker lost mid-stage (Ray Train restarts the group, which resumes from the checkpoint)."""
@@ -403,7 +403,7 @@ def run_stage_loop(
         if checkpoint:
             runner.report({"step": step, "loss": metrics["loss"]}, True, driver_pgid)
         if cfg.sample_every and step % cfg.sample_every == 0 and not last:
-            runner.publish(tracker, final=False)
+            runner.write_outputs(tracker, final=False)
         faults.point(STEP_END_POINT, stage=stage, rank=runner.rank, step=step)  # a drill may SIGKILL us here
-    runner.publish(tracker, final=True)
+    runner.write_outputs(tracker, final=True)
     tracker.log_metrics({"stage_done": 1.0}, step=runner.state.step)
