@@ -12,6 +12,7 @@ from model.build import ModelConfig, build_model, build_task
 from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, vq_reconstruct
 from model.janus_pro import holds_vq, load_vq
 from model.janusflow_task import load_vae
+from training.tokenizers import ARTEFACT_MAX, artefact_peak, colour_kept, warn_if_short
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,46 @@ def test_vae_fit_reduces_error_and_sets_scaling(toy_images, debug_flavor, tmp_pa
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     again = load_vae(tmp_path / "vae")
     assert again.config.scaling_factor == pytest.approx(vae.config.scaling_factor)
+
+
+# ---- the held-out checks of fit_tokenizers can fail -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_x() -> torch.Tensor:
+    rng = np.random.default_rng(1)
+    return image_tensor(
+        [toy_render.encode_image(toy_render.render_shapes(rng, 64, 3)[0], "png") for _ in range(24)], 64
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_x() -> torch.Tensor:
+    digits = load_digits()
+    return image_tensor(
+        [toy_render.encode_image(toy_render.render_digit(digits.data[i], 64), "png") for i in range(60)], 64
+    )
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def test_colour_kept_tells_a_colour_destroying_tokenizer(shapes_x):
+    assert colour_kept(shapes_x, shapes_x) == 1.0
+    assert colour_kept(shapes_x, _blur(shapes_x)) >= 0.95  # a soft but faithful reconstruction keeps colours
+    ink = (shapes_x < 0.5).any(dim=1, keepdim=True)  # anything not near-white
+    brown = torch.tensor([140, 90, 40]).view(1, 3, 1, 1) / 127.5 - 1
+    browned = torch.where(ink, brown, shapes_x)  # every shape painted one muddy colour
+    assert colour_kept(shapes_x, browned) < 0.3
+
+
+def test_artefact_peak_flags_a_fixed_spot(digits_x):
+    faithful = _blur(digits_x)
+    assert artefact_peak(digits_x, faithful) < ARTEFACT_MAX
+    spotted = faithful.clone()
+    spotted[:, :, 56:60, 30:34] = 1.0  # a bright dot at the bottom centre of every digit
+    assert artefact_peak(digits_x, spotted) > ARTEFACT_MAX
+    metrics = {"vq/shape_colour_kept": 0.5, "vq/artefact_peak/digits": artefact_peak(digits_x, spotted)}
+    assert len(warn_if_short("vq", metrics)) == 2
+    assert warn_if_short("vq", {"vq/shape_colour_kept": 1.0, "vq/artefact_peak/digits": 0.0}) == []
