@@ -53,7 +53,8 @@ class FitOptions:
     foreground_weight: float = 4.0
     """Extra reconstruction weight on pixels that differ from the image's border colour (0 = plain loss)."""
     patch_colour_weight: float = 8.0
-    """VQ only: weight of the L2 loss on patch-mean colours (one patch per code); ignored for the VAE."""
+    """VQ only: weight of the L2 loss on patch-mean colours (one patch per code); ignored for the VAE, whose
+    held-out shape colours it lowered (60% kept against 78% without, 300 steps on the toy world)."""
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
