@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from common.io import atomic_write_json, file_sha256
 from data_prep import toy_render
 from data_prep.schema import IMAGE_TAG
 from data_prep.shards import write_tar
+
+logger = logging.getLogger("data_prep.toyworld")
 
 SPLITS = ("train", "eval")
 SOURCES = ("digits", "shapes", "charts_docs", "photos", "text", "digits_qa", "shapes_qa")
@@ -332,8 +335,10 @@ def _file_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def build_toyworld(cfg: ToyWorldConfig, log: Callable[[str], None] = print) -> Path:
-    """Write every configured source (each replaced atomically) and ``toyworld.json``; returns out_dir."""
+def build_toyworld(cfg: ToyWorldConfig, log: Callable[[str], None] | None = None) -> Path:
+    """Write every configured source (each replaced atomically) and ``toyworld.json``; returns out_dir. A line
+    per source goes to ``log`` (default: this module's logger)."""
+    log = log or logger.info
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"seed": cfg.seed, "sources": {}}
