@@ -118,7 +118,7 @@ def test_job_cli_writes_resolved_config_and_rejects_bad_key(tmp_path: Path) -> N
     ]
     ok = subprocess.run([*args, f"out_dir={out}", *small], cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert str(out) in ok.stdout and (out / "config.resolved.yaml").is_file()
+    assert str(out) in ok.stderr and (out / "config.resolved.yaml").is_file()  # the job logs where it wrote
     assert "shapes:\n  train: 2" in (out / "config.resolved.yaml").read_text()
 
 
