@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from common.io import atomic_write_json
 
@@ -31,6 +31,7 @@ CURATED_MANIFEST_VERSION = 1
 STAGE_MANIFEST_VERSION = 1
 
 T = TypeVar("T")
+M = TypeVar("M", bound="Manifest")
 
 
 class ManifestError(ValueError):
@@ -100,6 +101,25 @@ def _read(cls: type[T], path: str | Path, version: int, writer: str) -> T:
     return _from_dict(cls, data, path)
 
 
+class Manifest:
+    """What the versioned manifests share: ``write`` (atomic JSON) and ``read`` (checked against ``VERSION``;
+    the error names ``WRITER``, the job to rerun)."""
+
+    VERSION: ClassVar[int]
+    WRITER: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def write(self, path: str | Path) -> Path:
+        atomic_write_json(Path(path), self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def read(cls: type[M], path: str | Path) -> M:
+        return _read(cls, path, cls.VERSION, cls.WRITER)
+
+
 @dataclass(kw_only=True)
 class CuratedShard:
     name: str
@@ -110,7 +130,7 @@ class CuratedShard:
 
 
 @dataclass(kw_only=True)
-class CuratedManifest:
+class CuratedManifest(Manifest):
     """A curated source's folder is complete: what it read, kept and rejected, and its shards."""
 
     source: str
@@ -138,16 +158,8 @@ class CuratedManifest:
     """The rejects ledger, relative to the folder."""
     manifest_version: int = CURATED_MANIFEST_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def write(self, path: str | Path) -> Path:
-        atomic_write_json(Path(path), self.to_dict())
-        return Path(path)
-
-    @classmethod
-    def read(cls, path: str | Path) -> CuratedManifest:
-        return _read(cls, path, CURATED_MANIFEST_VERSION, "pipelines.curate")
+    VERSION: ClassVar[int] = CURATED_MANIFEST_VERSION
+    WRITER: ClassVar[str] = "pipelines.curate"
 
 
 @dataclass(kw_only=True)
@@ -162,7 +174,7 @@ class StageShard:
 
 
 @dataclass(kw_only=True)
-class StageManifest:
+class StageManifest(Manifest):
     """A stage's shards are complete: target and realised ratios (whole set, phases, worst shard), the
     sources' manifests it drew from, its shards."""
 
@@ -193,13 +205,5 @@ class StageManifest:
     """The VQ-id / VAE-latent precompute of its generation samples (kind, field, encoder_path, ...), or None."""
     manifest_version: int = STAGE_MANIFEST_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def write(self, path: str | Path) -> Path:
-        atomic_write_json(Path(path), self.to_dict())
-        return Path(path)
-
-    @classmethod
-    def read(cls, path: str | Path) -> StageManifest:
-        return _read(cls, path, STAGE_MANIFEST_VERSION, "pipelines.mix")
+    VERSION: ClassVar[int] = STAGE_MANIFEST_VERSION
+    WRITER: ClassVar[str] = "pipelines.mix"
