@@ -153,6 +153,9 @@ def evaluate_understanding(cfg: EvalConfig, lm: LoadedModel) -> tuple[dict[str, 
     return results, records
 
 
+PROBE_MAX_LEN = 512
+"""Packed row length of the probe's batches: a digit prompt and its image tokens fit many times over."""
+
 PROBE_TASK_SETTINGS = {"repa_weight": 0.0, "compute_metrics": True}
 """Task settings of the probe where the task has them: the generation loss alone, per task."""
 
@@ -163,7 +166,7 @@ def prompt_binding(cfg: EvalConfig, lm: LoadedModel) -> dict[str, float]:
     images, noise and flow times): a model that uses the prompt has a clearly lower loss with the right one.
     An unconditioned model shows no gap whatever its loss; an undertrained one a small gap at a high loss."""
     digits = read_digits(Path(cfg.toyworld_dir), "eval")[: cfg.binding_samples]
-    model_cfg = ModelConfig(flavor=lm.flavor.name, family=lm.family, max_len=512)
+    model_cfg = ModelConfig(flavor=lm.flavor.name, family=lm.family, max_len=PROBE_MAX_LEN)
     task = build_task(lm.model, lm.flavor, model_cfg, vae=lm.vae)
     settings = {**PROBE_TASK_SETTINGS, "t_mu": math.log(cfg.binding_t / (1 - cfg.binding_t)), "t_sigma": 1e-6}
     task.cfg = dataclasses.replace(task.cfg, **{k: v for k, v in settings.items() if hasattr(task.cfg, k)})
