@@ -6,6 +6,8 @@
   ``digits/train``, which it never saw (the generator trained on them, the judge did not).
 - :func:`judge_colour`: the dominant non-white colour of an image, named by the nearest of
   ``toy_render.COLORS`` ("none" when the image is all background).
+- :func:`artefact_peak`: how far images stand apart from reference images at one fixed position (a spot every
+  generated or reconstructed image carries, which the real ones do not).
 - :func:`load_questions`: the understanding questions of the eval splits only, with their chance level.
 """
 
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from data_prep.toy_render import CHART_TITLES, COLORS, DOC_TITLES, SHAPES
@@ -26,6 +30,12 @@ from data_prep.toyworld import COLOUR_QUESTION, COUNT_QUESTION, DIGIT_QUESTION, 
 
 WHITE_MARGIN = 60
 """A pixel is background when each channel is within this of 255."""
+ARTEFACT_MAX = 0.07
+"""Largest acceptable :func:`artefact_peak` (intensity in [0, 1]). The debug VQ's bright dot at the bottom centre
+of every digit measured 0.09 on its reconstructions of 200 held-out digits, a VAE without one 0.05."""
+ARTEFACT_Z = 5.0
+"""For unpaired images (generated against real): a position counts only where its mean difference is this many
+standard errors from the typical one, so that a few dozen samples' noise is not read as an artefact."""
 
 
 def _grey8(img: Image.Image) -> np.ndarray:
@@ -35,6 +45,34 @@ def _grey8(img: Image.Image) -> np.ndarray:
 
 def _open(data: bytes | Image.Image) -> Image.Image:
     return data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def artefact_peak(reference: torch.Tensor, images: torch.Tensor, z_min: float = 0.0) -> float:
+    """How far the strongest fixed-position difference of ``images`` from ``reference`` stands above the typical
+    one, in intensity in [0, 1] (both ``[N, 3, H, W]`` tensors in [-1, 1]; the counts may differ).
+
+    Per 2x2 cell (the outermost ring of pixels left out: a conv autoencoder's corner pixels are off in every
+    image, one pixel each, invisible), the mean of ``images`` minus the mean of ``reference``; the peak of its
+    magnitude (largest channel) minus the median. Differences that follow the content average out over many
+    images; a decoder that paints the same spot at the same place in every image does not. With ``z_min`` a
+    cell counts only where its difference from the median is at least ``z_min`` standard errors (from the two
+    sets' spread there): generated images are not paired with real ones, and their mean is noisy where strokes
+    vary; a spot painted on every image is consistent and passes.
+    """
+
+    def cells(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x[:, :, 1:-1, 1:-1].float() / 2, 2, stride=1)
+
+    a, b = cells(images), cells(reference)
+    diff = a.mean(0) - b.mean(0)  # [3, h, w]
+    bias = diff.abs().amax(0)
+    excess = bias - bias.median()
+    if z_min > 0:
+        centred = diff - diff.flatten(1).median(1).values[:, None, None]
+        se = (a.var(0) / len(a) + b.var(0) / len(b)).sqrt().clamp_min(1e-4)
+        consistent = ((centred.abs() / se) >= z_min).any(0)
+        excess = torch.where(consistent, excess, torch.zeros_like(excess))
+    return float(excess.max().clamp_min(0))
 
 
 def read_digits(toyworld: Path, split: str) -> list[tuple[bytes, int]]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from common.config import save_resolved, to_flat_dict
 from common.io import atomic_write_json
 from common.tracking import TrackingConfig, build_tracker
-from evaluation.judges import judge_colour
+from evaluation.judges import ARTEFACT_MAX, artefact_peak, judge_colour
 from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, psnr, vq_reconstruct
 from model.flavors import get_flavor
 from model.inference import image_grid, to_pil
@@ -32,9 +32,6 @@ logger = logging.getLogger("training.tokenizers")
 REPORT_FILE = "fit_tokenizers.json"
 COLOUR_KEPT_MIN = 0.95
 """Held-out shapes whose colour must survive the round trip; below it the job warns."""
-ARTEFACT_MAX = 0.07
-"""Largest acceptable :func:`artefact_peak` (intensity in [0, 1]); above it the job warns. The shipped
-debug VQ with its dot measured 0.09 on held-out digits, a VAE without one 0.05."""
 TOY_SOURCES = ("digits", "shapes", "photos")
 
 
@@ -187,18 +184,6 @@ def position_bias(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     the same place in every image (a decoder bias, a code that is always picked) does not.
     """
     return ((recon.mean(0) - x.mean(0)).abs().amax(0) / 2).float()
-
-
-def artefact_peak(x: torch.Tensor, recon: torch.Tensor) -> float:
-    """How far the strongest fixed-position error stands above the typical one (intensity in [0, 1]).
-
-    The signed mean error per position, averaged over 2x2 pixels, without the outermost ring of pixels: the
-    image's corner pixels are off in every conv autoencoder (zero padding), one pixel each, invisible; a spot
-    like the debug VQ's bright dot at the bottom centre of every digit covers a few pixels and stays.
-    """
-    d = ((recon.mean(0) - x.mean(0)) / 2)[:, 1:-1, 1:-1]
-    bias = F.avg_pool2d(d[None].float(), 2, stride=1)[0].abs().amax(0)
-    return float(bias.max() - bias.median())
 
 
 def heldout_metrics(kind: str, tokenizer: torch.nn.Module, images: dict[str, list[bytes]], size: int):

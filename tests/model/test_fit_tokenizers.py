@@ -10,11 +10,12 @@ import torch
 from sklearn.datasets import load_digits
 
 from data_prep import toy_render
+from evaluation.judges import ARTEFACT_MAX, artefact_peak
 from model.build import ModelConfig, build_model, build_task
 from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, vq_reconstruct
 from model.janus_pro import holds_vq, load_vq
 from model.janusflow_task import load_vae
-from training.tokenizers import ARTEFACT_MAX, artefact_peak, colour_kept, warn_if_short
+from training.tokenizers import colour_kept, warn_if_short
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -12,8 +13,25 @@ from PIL import Image
 
 from common.tracking import TrackingConfig
 from data_prep import toy_render
-from evaluation.judges import build_digit_judge, judge_colour, load_questions, normalise_answer
-from evaluation.toy_eval import EvalConfig, EvalReport, accuracy_table, over_seeds, prompt_binding, run_evaluation
+from evaluation.judges import (
+    ARTEFACT_MAX,
+    artefact_peak,
+    build_digit_judge,
+    judge_colour,
+    load_questions,
+    normalise_answer,
+    read_digits,
+)
+from evaluation.toy_eval import (
+    EvalConfig,
+    EvalReport,
+    accuracy_table,
+    generated_artefact,
+    over_seeds,
+    pixel_tensor,
+    prompt_binding,
+    run_evaluation,
+)
 from model.inference import load_for_inference
 from tests.cpu_math import fast_cpu_math  # noqa: F401 - autouse, module scope
 from tests.pipelines.eval_fixtures import make_checkpoint, small_world
@@ -154,3 +172,43 @@ def test_results_over_seeds_give_mean_and_spread() -> None:
     assert digits["ratio_to_chance"] == pytest.approx(5.0)
     table = accuracy_table({"janus_pro": over_seeds(reports)})
     assert "0.500 +-0.200" in table and "0.750 +-0.100" in table
+
+
+def _digit_images(world: Path, split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+    taken: dict[int, int] = {}
+    images, labels = [], []
+    for png, label in read_digits(world, split):
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            images.append(Image.open(io.BytesIO(png)).convert("RGB"))
+            labels.append(label)
+    return images, labels
+
+
+def test_generated_artefact_tells_a_fixed_spot_from_sampling_noise(world: Path) -> None:
+    """Real digits the check has not seen stand in for a faithful generator (40 images, as the demo's 4 per
+    class): no artefact, even with per-image noise; the same digits with a dot at the bottom centre of each,
+    as the old debug VQ painted, are flagged."""
+    images, _ = _digit_images(world, "train", per_class=4)
+    assert len(images) == 40
+    clean = generated_artefact(world, images)
+    rng = np.random.default_rng(0)
+    noisy = [
+        Image.fromarray(
+            np.clip(np.asarray(i, dtype=np.float64) + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+        )
+        for i in images
+    ]
+    noisy_peak = generated_artefact(world, noisy)
+    spotted = []
+    for img in images:
+        arr = np.asarray(img).copy()
+        arr[56:60, 30:34] = 255  # a white dot at the bottom centre
+        spotted.append(Image.fromarray(arr))
+    spotted_peak = generated_artefact(world, spotted)
+    print(f"generated-digit artefact: clean {clean:.3f}, noisy {noisy_peak:.3f}, spotted {spotted_peak:.3f}")
+    assert clean < ARTEFACT_MAX and noisy_peak < ARTEFACT_MAX
+    assert spotted_peak > ARTEFACT_MAX
+    # without the consistency test the clean digits' sampling noise alone reads as an artefact
+    reference = pixel_tensor(_digit_images(world, "eval", per_class=100)[0])
+    assert artefact_peak(reference, pixel_tensor(images)) > ARTEFACT_MAX
