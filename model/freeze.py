@@ -6,7 +6,7 @@ parameter no group claims is an error, so a new module cannot silently train (or
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 
@@ -48,6 +48,10 @@ FREEZE_SCHEDULES: dict[str, dict[int, frozenset[str]]] = {
 }
 """Family -> stage (1, 2, 3) -> the groups that train."""
 
+FIXED_GROUPS: dict[str, frozenset[str]] = {"janus_pro": frozenset({"vq"}), "janusflow": frozenset()}
+"""Groups no stage may train: Janus-Pro's VQ defines the image-token targets (JanusFlow's VAE is outside the
+model)."""
+
 
 def param_group(family: str, name: str) -> str:
     """The group of parameter ``name``; an unclaimed name is an error."""
@@ -64,11 +68,25 @@ def _check(family: str, stage: int) -> None:
         raise ValueError(f"unknown stage {stage!r} for {family}; valid: {sorted(FREEZE_SCHEDULES[family])}")
 
 
-def apply_freeze(model: nn.Module, family: str, stage: int) -> dict[str, dict[str, int]]:
-    """Set ``requires_grad`` by the stage's schedule; return ``{group: {"trainable": n, "total": n}}``
-    plus a ``"_all"`` entry. Frozen groups are also put in eval mode where they are whole modules."""
+def trained_groups(family: str, stage: int, also_train: Iterable[str] = ()) -> frozenset[str]:
+    """The stage's schedule plus ``also_train`` (a recipe's deliberate departure, e.g. a random-init SigLIP
+    that the schedule would keep frozen); an unknown or fixed group is an error naming the valid ones."""
     _check(family, stage)
-    train = FREEZE_SCHEDULES[family][stage]
+    extra = frozenset(also_train)
+    valid = set(PARAM_GROUPS[family]) - FIXED_GROUPS[family]
+    if not extra <= valid:
+        raise ValueError(
+            f"{family}: also_train {sorted(extra - valid)} is not a trainable group; valid: {sorted(valid)}"
+        )
+    return FREEZE_SCHEDULES[family][stage] | extra
+
+
+def apply_freeze(
+    model: nn.Module, family: str, stage: int, also_train: Iterable[str] = ()
+) -> dict[str, dict[str, int]]:
+    """Set ``requires_grad`` by the stage's schedule (plus ``also_train``, see :func:`trained_groups`); return
+    ``{group: {"trainable": n, "total": n}}`` plus a ``"_all"`` entry."""
+    train = trained_groups(family, stage, also_train)
     counts: dict[str, dict[str, int]] = {g: {"trainable": 0, "total": 0} for g in PARAM_GROUPS[family]}
     for name, p in model.named_parameters():
         group = param_group(family, name)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.tracking import TrackingConfig
-from model.build import ModelConfig
+from model.build import ModelConfig, resolve_family
+from model.flavors import get_flavor
+from model.freeze import trained_groups
 from training.outputs import PreviewConfig
 from training.parallelize import ParallelConfig
 
@@ -31,6 +33,10 @@ class StageConfig:
     """Samples per optimizer step over all workers (micro_batch x workers x accumulation)."""
     micro_batch: int = 0
     """Samples per worker per forward; 0 = global_batch / workers (no accumulation)."""
+    also_train: list[str] = field(default_factory=list)
+    """Freeze groups (model.freeze.PARAM_GROUPS) trained in this stage besides the family's schedule: a
+    departure from the paper for a reason, e.g. ``[siglip]`` where the flavor's SigLIP is random, not
+    pretrained (the debug flavor), and frozen would only be a random projection."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch"):
@@ -165,6 +171,12 @@ class TrainConfig:
             raise ValueError(f"stage_init must be previous or model, got {self.stage_init!r}")
         if self.log_every <= 0 or self.sample_every < 0:
             raise ValueError(f"log_every must be > 0 and sample_every >= 0 ({self.log_every}, {self.sample_every})")
+        family = resolve_family(get_flavor(self.model.flavor), self.model.family)
+        for s in self.stages:
+            try:
+                trained_groups(family, stage_index(s), self.stage[s].also_train)
+            except ValueError as err:
+                raise ValueError(f"stage.{s}.also_train: {err}") from None
 
 
 def stage_index(name: str) -> int:

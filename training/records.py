@@ -63,8 +63,11 @@ class StageInputs:
             for key, value in (("vq_path", cfg.model.vq_path), ("vae_path", cfg.model.vae_path))
             if value
         }
+        stage_settings = to_dict(cfg.stage[stage])
+        if not stage_settings.get("also_train"):  # the paper's schedule hashes as before the option existed
+            stage_settings.pop("also_train", None)
         inputs = {
-            "stage": to_dict(cfg.stage[stage]),
+            "stage": stage_settings,
             "tokenizers": tokenizers,
             "model": to_dict(cfg.model),
             "optim": to_dict(cfg.optim),

@@ -125,7 +125,7 @@ def build_stage_model(cfg: TrainConfig, stage: str, init_weights: str | None, de
     model = build_model(flavor, family, path=None if init_weights else cfg.model.path)
     if init_weights:
         model.load_state_dict(load_weights(init_weights), strict=True)
-    counts = apply_freeze(model, family, stage_index(stage))
+    counts = apply_freeze(model, family, stage_index(stage), cfg.stage[stage].also_train)
     torch.manual_seed(cfg.seed + 7919 * stage_index(stage))  # the VAE (JanusFlow debug) is seeded apart
     task = build_task(model, flavor, cfg.model)
     vae = task.vae

@@ -6,7 +6,7 @@ import pytest
 
 from model.build import build_model
 from model.flavors import FLAVORS, get_flavor
-from model.freeze import FREEZE_SCHEDULES, PARAM_GROUPS, apply_freeze, format_counts
+from model.freeze import FREEZE_SCHEDULES, PARAM_GROUPS, apply_freeze, format_counts, trained_groups
 
 
 def test_unknown_flavor_lists_valid_names():
@@ -80,3 +80,15 @@ def test_unclaimed_parameter_is_an_error():
     model.extra = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="extra"):
         apply_freeze(model, "janusflow", 1)
+
+
+def test_also_train_adds_groups_to_a_stage_and_refuses_fixed_or_unknown_ones():
+    model = build_model(get_flavor("debug"), "janus_pro")
+    counts = apply_freeze(model, "janus_pro", 2, also_train=["siglip"])
+    assert counts["siglip"]["trainable"] == counts["siglip"]["total"] > 0  # the schedule keeps it frozen in II
+    assert counts["vq"]["trainable"] == 0
+    assert trained_groups("janus_pro", 2, ["siglip"]) == FREEZE_SCHEDULES["janus_pro"][2] | {"siglip"}
+    with pytest.raises(ValueError, match=r"\['vq'\] is not a trainable group"):
+        trained_groups("janus_pro", 2, ["vq"])  # the VQ defines the image-token targets
+    with pytest.raises(ValueError, match="gen_encoder"):
+        trained_groups("janus_pro", 2, ["gen_encoder"])  # a JanusFlow group

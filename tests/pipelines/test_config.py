@@ -131,3 +131,13 @@ def test_log_level_flag_sets_every_jobs_logging(tmp_path: Path, capsys: pytest.C
     assert "invalid choice: 'LOUD'" in capsys.readouterr().err
     parse_job_args(JobConfig, [], prog="t")  # back to the default
     assert logging.getLogger().level == logging.INFO
+
+
+def test_train_recipe_also_train_is_checked_against_the_family_at_load() -> None:
+    from training.config import TrainConfig
+
+    recipe = "configs/train/debug_janus_pro.yaml"
+    cfg = load_config(TrainConfig, recipe, ["stage.II.also_train=[siglip]"])
+    assert cfg.stage["II"].also_train == ["siglip"]
+    with pytest.raises(ConfigError, match=r"stage\.II\.also_train: janus_pro: also_train \['vq'\]"):
+        load_config(TrainConfig, recipe, ["stage.II.also_train=[vq]"])
