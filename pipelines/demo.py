@@ -26,7 +26,7 @@ from common.tracking import Tracker, TrackingConfig, build_tracker, pipeline_run
 from data_prep.curation import CurateConfig, CurateResult, curate
 from data_prep.mixing import MixConfig, MixResult, mix
 from data_prep.toyworld import ToyWorldConfig, build_toyworld
-from evaluation.toy_eval import EvalConfig, EvalReport, accuracy_table, over_seeds, run_evaluation
+from evaluation.toy_eval import EvalConfig, EvalReport, accuracy_table, artefact_lines, over_seeds, run_evaluation
 from model.family import get_family
 from training.config import TrainConfig
 from training.stages import run_training
@@ -226,7 +226,7 @@ def result_metrics(result: DemoResult) -> dict[str, float]:
         f"{family}/{name}/{key}": float(r[key])
         for family, metrics in result.evaluation_results().items()
         for name, r in metrics.items()
-        for key in ("accuracy", "ratio_to_chance", "spread")
+        for key in ("accuracy", "ratio_to_chance", "spread", "artefact_peak")
         if r.get(key) is not None
     }
     for family, fam in result.families.items():
@@ -255,7 +255,11 @@ def run(cfg: DemoConfig) -> DemoResult:
         result = DemoResult(toyworld=world, curated=curated, tokenizers=fitted, families=families, timings=step.timings)
         parent.log_metrics(result_metrics(result))
         summary = Path(cfg.out_dir) / "summary.txt"
-        atomic_write_text(summary, accuracy_table(result.evaluation_results()) + "\n")
+        atomic_write_text(
+            summary,
+            "\n".join([accuracy_table(result.evaluation_results()), *artefact_lines(result.evaluation_results())])
+            + "\n",
+        )
         parent.log_artifact(summary)
     return result
 
@@ -270,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  {'total':<{width}} {sum(result.timings.values()):8.1f}s")
     print("\nevaluation (held-out toy questions; generated images graded by independent judges):")
     print(accuracy_table(result.evaluation_results()))
+    for line in artefact_lines(result.evaluation_results()):
+        print(line)
     print(f"\noutputs: {Path(cfg.out_dir).resolve()}")
     for family, fam in result.families.items():
         for run_ in fam.runs.values():

@@ -75,6 +75,7 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     assert (out / "eval" / "janus_pro" / "digits_grid.png").is_file()
     summary = (out / "summary.txt").read_text()
     assert "generation/digits" in summary and "understanding/digit" in summary
+    assert "fixed-position artefact in generated digits" in summary
     assert "generation/digits" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
     # MLflow: the demo's parent run holds every job's run; training stages nest under the training run.
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")

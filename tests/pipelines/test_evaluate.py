@@ -26,6 +26,7 @@ from evaluation.toy_eval import (
     EvalConfig,
     EvalReport,
     accuracy_table,
+    artefact_lines,
     generated_artefact,
     over_seeds,
     pixel_tensor,
@@ -172,6 +173,13 @@ def test_results_over_seeds_give_mean_and_spread() -> None:
     assert digits["ratio_to_chance"] == pytest.approx(5.0)
     table = accuracy_table({"janus_pro": over_seeds(reports)})
     assert "0.500 +-0.200" in table and "0.750 +-0.100" in table
+    for report, artefact in zip(reports, (0.01, 0.09), strict=True):
+        report.results["generation/digits"]["artefact_peak"] = artefact
+    assert over_seeds(reports)["generation/digits"]["artefact_peak"] == 0.09  # the worst seed's
+    assert artefact_lines({"janus_pro": over_seeds(reports)}) == [
+        f"janus_pro: fixed-position artefact in generated digits 0.090 (over the limit; limit {ARTEFACT_MAX})"
+    ]
+    assert "artefact in generated digits 0.010 (none;" in reports[0].table()
 
 
 def _digit_images(world: Path, split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
