@@ -123,8 +123,12 @@ def vq_quantize(vq: JanusVQVAE, z: torch.Tensor, beta: float) -> tuple[torch.Ten
     return q.permute(0, 3, 1, 2).contiguous(), loss, ids.view(z.shape[0], -1)
 
 
-def vq_reconstruct(vq: JanusVQVAE, x: torch.Tensor, beta: float = 0.25):
+def vq_reconstruct(vq: JanusVQVAE, x: torch.Tensor, beta: float = 0.25, quantize: bool = True):
+    """(reconstruction, codebook + commitment loss, ids, unit-norm latents). ``quantize=False`` decodes the
+    latents themselves (ids None, no codebook loss): a diagnostic of what the encoder/decoder alone keep."""
     z = vq_latents(vq, x)
+    if not quantize:
+        return vq.decoder(vq.post_quant_conv(z.permute(0, 3, 1, 2))), z.new_zeros(()), None, z
     q, vq_loss, ids = vq_quantize(vq, z, beta)
     return vq.decoder(vq.post_quant_conv(q)), vq_loss, ids, z
 
@@ -168,9 +172,12 @@ def fit_vq(
     restart_every: int = 25,
     foreground_weight: float = 4.0,
     patch_colour_weight: float = 8.0,
+    quantize: bool = True,
     log: Log | None = None,
 ) -> tuple[JanusVQVAE, FitStats]:
-    """A VQ of the flavor fitted on ``images`` (encoded bytes); returns it (eval mode, frozen) and its stats."""
+    """A VQ of the flavor fitted on ``images`` (encoded bytes); returns it (eval mode, frozen) and its stats.
+    ``quantize=False`` fits the encoder/decoder as a plain autoencoder of the unit-norm latents, a diagnostic
+    (its codebook is untrained: reconstruct with ``vq_reconstruct(..., quantize=False)``)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x = image_tensor(images, flavor.vq.image_size)
@@ -183,16 +190,17 @@ def fit_vq(
     start = time.perf_counter()
     vq.train()
     for step, idx in enumerate(_batches(len(x), batch_size, steps, seed), start=1):
-        recon, vq_loss, ids, z = vq_reconstruct(vq, x[idx], beta)
+        recon, vq_loss, ids, z = vq_reconstruct(vq, x[idx], beta, quantize)
         down = flavor.vq.downsample
         rec, mse = _recon_loss(recon, x[idx], foreground_weight, down, patch_colour_weight)
         loss = rec + vq_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        counts += torch.bincount(ids.flatten(), minlength=counts.numel()).float()
         restarted = 0
-        if step % restart_every == 0 and step <= steps * 3 // 4:  # the last quarter settles
+        if ids is not None:
+            counts += torch.bincount(ids.flatten(), minlength=counts.numel()).float()
+        if ids is not None and step % restart_every == 0 and step <= steps * 3 // 4:  # the last quarter settles
             restarted = _restart_codes(vq, z.detach(), counts, gen)
             counts.zero_()
         if log:

@@ -1,0 +1,101 @@
+"""Where the debug VQ loses the toy shapes' colours: the codebook, or the encoder/decoder architecture.
+
+    .venv/bin/python benchmarks/vq_colour.py --toyworld outputs/toyworld [--steps 300] [--json F]
+
+Fits, on the same toy training images (digits and shapes, 600 each) with the same loss, steps, batch and
+learning rate as ``configs/data/fit_tokenizers_toy.yaml``:
+
+- ``vq``: the shipped debug VQ fit (transformers' ``JanusVQVAE``, 8x8 codes of a 256-entry codebook);
+- ``vq_no_codebook``: the same encoder/decoder as a plain autoencoder of its unit-norm 8x8x8 latents (no
+  quantisation): what the architecture keeps by itself;
+- ``kl_8x``: a diffusers ``AutoencoderKL`` (the JanusFlow debug VAE's widths plus one level, so an 8x8x4
+  latent: the same grid), fitted as the VAE is.
+
+and prints, on held-out images (the eval split), the fraction of shapes whose colour survives the round trip
+(``judge_colour``), PSNR per source and seconds per step. If ``vq_no_codebook`` loses the colours as ``vq``
+does, a bigger codebook will not bring them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from common.config import load_config
+from common.tables import text_table
+from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, psnr, vq_reconstruct
+from model.flavors import get_flavor
+from training.tokenizers import FitTokenizersConfig, collect_heldout, collect_images, colour_kept
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "data" / "fit_tokenizers_toy.yaml"
+
+
+@torch.no_grad()
+def _roundtrip(kind: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = []
+    for chunk in x.split(64):
+        if kind == "kl_8x":
+            out.append(module.decode(module.encode(chunk).latent_dist.mean).sample)
+        else:
+            out.append(vq_reconstruct(module, chunk, quantize=kind == "vq")[0])
+    return torch.cat(out).clamp(-1, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--toyworld", required=True, help="an existing toy world (python -m pipelines.toyworld)")
+    parser.add_argument("--steps", type=int, default=0, help="fit steps (0 = the recipe's VQ steps)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default="", help="also write the figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    cfg = load_config(FitTokenizersConfig, RECIPE, [f"toyworld_dir={args.toyworld}"])
+    steps = args.steps or cfg.vq.steps
+    images, heldout = collect_images(cfg), collect_heldout(cfg)
+    flat = [img for imgs in images.values() for img in imgs]
+    flavor = get_flavor(cfg.flavor)
+    wide = get_flavor(cfg.flavor)  # one more level: the VAE's latent grid becomes the VQ's
+    wide.flow.vae_block_out_channels = [*wide.flow.vae_block_out_channels, wide.flow.vae_block_out_channels[-1]]
+    opts = {"batch_size": cfg.vq.batch_size, "foreground_weight": cfg.vq.foreground_weight}
+    fits = {
+        "vq": lambda: fit_vq(flavor, flat, steps, cfg.vq.lr, cfg.seed, **opts,
+                             patch_colour_weight=cfg.vq.patch_colour_weight),
+        "vq_no_codebook": lambda: fit_vq(flavor, flat, steps, cfg.vq.lr, cfg.seed, **opts,
+                                         patch_colour_weight=cfg.vq.patch_colour_weight, quantize=False),
+        "kl_8x": lambda: fit_vae(wide, flat, steps, cfg.vq.lr, cfg.seed, **opts),
+    }  # fmt: skip
+    rows, report = [], {}
+    for kind, fit in fits.items():
+        start = time.perf_counter()
+        module, _ = fit()
+        seconds = time.perf_counter() - start
+        figures = {"seconds_per_step": seconds / steps}
+        for source, imgs in heldout.items():
+            x = image_tensor(imgs, flavor.vq.image_size)
+            recon = _roundtrip(kind, module, x)
+            figures[f"psnr/{source}"] = psnr(F.mse_loss(recon, x).item())
+            if source == "shapes":
+                figures["shape_colour_kept"] = colour_kept(x, recon)
+        report[kind] = figures
+        psnrs = [f"{figures[f'psnr/{s}']:.1f}" for s in heldout]
+        kept = f"{figures.get('shape_colour_kept', float('nan')):.3f}"
+        rows.append([kind, kept, *psnrs, f"{figures['seconds_per_step']:.3f}"])
+        print(f"{kind}: {json.dumps({k: round(v, 4) for k, v in figures.items()})}", flush=True)
+    headers = ["fit", "colours kept", *(f"PSNR {s} dB" for s in heldout), "s/step"]
+    print(f"\n{steps} steps, held out ({', '.join(f'{len(v)} {k}' for k, v in heldout.items())}):")
+    print(text_table(headers, rows, align="l" + "r" * (len(headers) - 1)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"steps": steps, "fits": report}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
