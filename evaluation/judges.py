@@ -36,6 +36,8 @@ of every digit measured 0.09 on its reconstructions of 200 held-out digits, a VA
 ARTEFACT_Z = 5.0
 """For unpaired images (generated against real): a position counts only where its mean difference is this many
 standard errors from the typical one, so that a few dozen samples' noise is not read as an artefact."""
+ARTEFACT_LOCAL = 9
+"""For generated images: cells (of 2x2 pixels) on a side of the neighbourhood a spot is measured against."""
 
 
 def _grey8(img: Image.Image) -> np.ndarray:
@@ -47,7 +49,7 @@ def _open(data: bytes | Image.Image) -> Image.Image:
     return data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def artefact_peak(reference: torch.Tensor, images: torch.Tensor, z_min: float = 0.0) -> float:
+def artefact_peak(reference: torch.Tensor, images: torch.Tensor, z_min: float = 0.0, local: int = 0) -> float:
     """How far the strongest fixed-position difference of ``images`` from ``reference`` stands above the typical
     one, in intensity in [0, 1] (both ``[N, 3, H, W]`` tensors in [-1, 1]; the counts may differ).
 
@@ -57,7 +59,10 @@ def artefact_peak(reference: torch.Tensor, images: torch.Tensor, z_min: float = 
     images; a decoder that paints the same spot at the same place in every image does not. With ``z_min`` a
     cell counts only where its difference from the median is at least ``z_min`` standard errors (from the two
     sets' spread there): generated images are not paired with real ones, and their mean is noisy where strokes
-    vary; a spot painted on every image is consistent and passes.
+    vary; a spot painted on every image is consistent and passes. With ``local`` (an odd number of cells) the
+    difference is taken against the median difference of the ``local`` x ``local`` cells around it instead of
+    the whole image's: a generator whose digits differ from the real ones all over (thicker, fewer shapes per
+    class) differs smoothly, a spot differs from its surroundings.
     """
 
     def cells(x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +70,10 @@ def artefact_peak(reference: torch.Tensor, images: torch.Tensor, z_min: float = 
 
     a, b = cells(images), cells(reference)
     diff = a.mean(0) - b.mean(0)  # [3, h, w]
+    if local:
+        pad = local // 2
+        around = F.unfold(F.pad(diff[None], (pad,) * 4, mode="replicate"), local)
+        diff = diff - around.view(diff.shape[0], local * local, -1).median(1).values.view_as(diff)
     bias = diff.abs().amax(0)
     excess = bias - bias.median()
     if z_min > 0:

@@ -36,6 +36,7 @@ from common.tracking import TrackingConfig, build_tracker
 from data_prep.schema import Sample, SampleMeta
 from data_prep.toy_render import COLORS, SHAPES
 from evaluation.judges import (
+    ARTEFACT_LOCAL,
     ARTEFACT_MAX,
     ARTEFACT_Z,
     artefact_peak,
@@ -227,11 +228,12 @@ def pixel_tensor(images: list) -> torch.Tensor:
 def generated_artefact(toyworld: Path, images: list) -> float:
     """:func:`artefact_peak` of generated digits against every real held-out digit (``digits/eval``, all
     classes, about as balanced as the prompts): a spot the tokenizer or the generator paints at one place in
-    every image stands out; sampling noise does not (``ARTEFACT_Z``). The many real digits keep the reference's
+    every image stands out from its surroundings (``ARTEFACT_LOCAL``); sampling noise (``ARTEFACT_Z``) and
+    digits that differ from the real ones all over do not. The many real digits keep the reference's
     noise low, so a few dozen generated ones are enough to see a spot in every image."""
     real = [Image.open(io.BytesIO(png)).convert("RGB") for png, _ in read_digits(toyworld, "eval")]
     reference = pixel_tensor([r if r.size == images[0].size else r.resize(images[0].size) for r in real])
-    return artefact_peak(reference, pixel_tensor(images), z_min=ARTEFACT_Z)
+    return artefact_peak(reference, pixel_tensor(images), z_min=ARTEFACT_Z, local=ARTEFACT_LOCAL)
 
 
 def evaluate_digits(cfg: EvalConfig, lm: LoadedModel, out: Path) -> dict[str, float | None]:
