@@ -64,6 +64,11 @@ def artefact_peak(reference: torch.Tensor, images: torch.Tensor, z_min: float = 
     the whole image's: a generator whose digits differ from the real ones all over (thicker, fewer shapes per
     class) differs smoothly, a spot differs from its surroundings.
     """
+    if local and (local < 3 or local % 2 == 0):
+        raise ValueError(f"artefact_peak: local must be 0 or an odd number >= 3 of cells, got {local}")
+    if images.shape[1:] != reference.shape[1:]:
+        raise ValueError(f"artefact_peak: images {tuple(images.shape[1:])} and reference "
+                         f"{tuple(reference.shape[1:])} differ in size")  # fmt: skip
 
     def cells(x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(x[:, :, 1:-1, 1:-1].float() / 2, 2, stride=1)

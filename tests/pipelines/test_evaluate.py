@@ -227,3 +227,7 @@ def test_generated_artefact_tells_a_fixed_spot_from_sampling_noise_and_other_dig
     assert artefact_peak(reference, pixel_tensor(images)) > ARTEFACT_MAX
     # and without the neighbourhood, bolder digits everywhere read as one
     assert artefact_peak(reference, pixel_tensor(bold), z_min=ARTEFACT_Z) > ARTEFACT_MAX
+    with pytest.raises(ValueError, match="odd number"):
+        artefact_peak(reference, pixel_tensor(images), local=8)
+    with pytest.raises(ValueError, match="differ in size"):
+        artefact_peak(reference, pixel_tensor(images)[:, :, :32, :32])
