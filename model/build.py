@@ -45,6 +45,10 @@ class ModelConfig:
     vq_path: str | None = None
     """Local fitted JanusVQVAE directory (Janus-Pro, ``save_pretrained``) put into the model by build_task in
     place of its VQ (e.g. the debug VQ fitted on the toy world); None = the model's own VQ."""
+    vision_path: str | None = None
+    """Local SigLIP tower (``SiglipVisionModel.save_pretrained``, e.g. the debug one pre-fitted on the toy
+    world by ``fit_tokenizers``) loaded into the understanding encoder when a run starts from scratch or from
+    ``path``; a stage that starts from an earlier stage keeps the tower that stage trained. None = keep."""
     cfg_drop_prob: float = 0.1
     """Probability of replacing a generation prompt by pad tokens (classifier-free guidance training)."""
     max_len: int = 4096

@@ -59,6 +59,10 @@ class FamilySpec:
     llm: Callable[[nn.Module], nn.Module]
     """The transformers Llama decoder (``LlamaModel``) inside the model."""
     lm_head: Callable[[nn.Module], nn.Module]
+    vision: Callable[[nn.Module], nn.Module]
+    """The understanding encoder (SigLIP) inside the model."""
+    siglip_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    """A transformers ``SiglipVisionModel`` state dict -> the understanding encoder's (model.fit_vision)."""
     understanding_embeds: Callable[[nn.Module, dict], torch.Tensor]
     """Inference: token embeddings with the understanding images in their slots."""
     sample: Callable[..., torch.Tensor]
@@ -111,6 +115,8 @@ def _janus_pro() -> FamilySpec:
         make_task=janus_pro.make_task,
         llm=lambda m: m.model.language_model,
         lm_head=lambda m: m.lm_head,
+        vision=lambda m: m.model.vision_model,
+        siglip_state=janus_pro.janus_vision_state,
         understanding_embeds=lambda m, batch: janus_pro.janus_pro_embeddings(m, batch, None),
         sample=sampling.sample_janus_pro,
         export=lambda m, tokenizer, out, state=None: export.export_janus_pro(m, tokenizer, out),
@@ -143,6 +149,8 @@ def _janusflow() -> FamilySpec:
         make_task=janusflow_task.make_task,
         llm=lambda m: m.language_model.model,
         lm_head=lambda m: m.language_model.lm_head,
+        vision=lambda m: m.vision_und_enc_model,
+        siglip_state=dict,  # the same class (SiglipVisionModel)
         understanding_embeds=sampling.janusflow_understanding_embeds,
         sample=sampling.sample_janusflow,
         export=lambda m, tokenizer, out, state=None: export.export_janusflow(m, out, tokenizer, state=state),

@@ -89,6 +89,16 @@ def build_janus_config(flavor: FlavorConfig) -> JanusConfig:
     )
 
 
+def janus_vision_state(siglip: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ``SiglipVisionModel`` state dict as transformers' ``JanusVisionModel`` holds it: the same network, with
+    the attention output projection named ``projection_layer`` and no pooling head (``head.*`` dropped)."""
+    return {
+        k.replace("self_attn.out_proj.", "self_attn.projection_layer."): v
+        for k, v in siglip.items()
+        if not k.startswith("head.")
+    }
+
+
 def build_vq(flavor: FlavorConfig) -> JanusVQVAE:
     """A standalone random-init VQ (to be fitted, then loaded into ``model.model.vqmodel``)."""
     return JanusVQVAE(build_vq_config(flavor)).eval()

@@ -193,6 +193,8 @@ def train_and_evaluate(
     )
     tokenizer = get_family(family).tokenizer
     fitted_args = [f"data_root={mixture.out_dir}", f"model.{tokenizer.config_key}={fitted.paths[tokenizer.name]}"]
+    if "vision" in fitted.paths:
+        fitted_args.append(f"model.vision_path={fitted.paths['vision']}")
     recipe = job_config(TrainConfig, cfg.train_recipes[family], cfg, *fitted_args, *cfg.train_overrides)
     runs = {}
     for seed in cfg.seeds or [recipe.seed]:

@@ -60,16 +60,23 @@ class StageInputs:
             )
         tokenizers = {
             key: folder_sha256(Path(value))
-            for key, value in (("vq_path", cfg.model.vq_path), ("vae_path", cfg.model.vae_path))
+            for key, value in (
+                ("vq_path", cfg.model.vq_path),
+                ("vae_path", cfg.model.vae_path),
+                ("vision_path", cfg.model.vision_path),
+            )
             if value
         }
         stage_settings = to_dict(cfg.stage[stage])
         if not stage_settings.get("also_train"):  # the paper's schedule hashes as before the option existed
             stage_settings.pop("also_train", None)
+        model = to_dict(cfg.model)
+        if model.get("vision_path") is None:  # runs without a pre-fitted tower hash as before the option
+            model.pop("vision_path", None)
         inputs = {
             "stage": stage_settings,
             "tokenizers": tokenizers,
-            "model": to_dict(cfg.model),
+            "model": model,
             "optim": to_dict(cfg.optim),
             "seed": cfg.seed,
             "ema_decay": cfg.ema_decay,

@@ -33,6 +33,7 @@ from common.tracking import DatasetRef, Tracker, build_tracker, system_metrics
 from data_prep.schema import Sample, decode_sample
 from model.build import build_collate, build_model, build_task, resolve_family
 from model.family import get_family
+from model.fit_vision import apply_vision, load_vision
 from model.flavors import get_flavor
 from model.flops import flops_per_batch, peak_flops
 from model.freeze import apply_freeze
@@ -125,6 +126,8 @@ def build_stage_model(cfg: TrainConfig, stage: str, init_weights: str | None, de
     model = build_model(flavor, family, path=None if init_weights else cfg.model.path)
     if init_weights:
         model.load_state_dict(load_weights(init_weights), strict=True)
+    elif cfg.model.vision_path:  # a pre-fitted understanding encoder; later stages keep what they trained
+        apply_vision(model, load_vision(cfg.model.vision_path))
     counts = apply_freeze(model, family, stage_index(stage), cfg.stage[stage].also_train)
     torch.manual_seed(cfg.seed + 7919 * stage_index(stage))  # the VAE (JanusFlow debug) is seeded apart
     task = build_task(model, flavor, cfg.model)

@@ -197,7 +197,7 @@ def _absolute_sqlite(uri: str) -> str:
 
 def _absolute_model_paths(cfg: TrainConfig) -> None:
     """Workers run in their own directories: relative weight/tokenizer paths are the driver's, made absolute."""
-    for name in ("path", "vq_path", "vae_path"):
+    for name in ("path", "vq_path", "vae_path", "vision_path"):
         value = getattr(cfg.model, name)
         if value and "://" not in value and not Path(value).is_absolute():
             setattr(cfg.model, name, str(Path(value).resolve()))

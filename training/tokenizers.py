@@ -1,4 +1,4 @@
-"""Fitting the debug flavor's generation tokenizers on toy or curated images, for the demo and small runs.
+"""Fitting the debug flavor's generation tokenizers (and pre-fitting its SigLIP) on toy or curated images.
 
 Reads images from the toy world's train splits (``digits``, ``shapes``, optionally ``photos``) and/or any
 curated shards folder (every ``*.tar`` under it), fits the Janus-Pro VQ and the JanusFlow VAE
@@ -7,10 +7,16 @@ safetensors), ``{out_dir}/fit_tokenizers.json`` (PSNR before/after, codebook use
 reconstruction grids (``recon_vq.png``, ``recon_vae.png``: originals above reconstructions). Training picks
 them up with ``model.vq_path={out_dir}/vq`` and ``model.vae_path={out_dir}/vae``. The job is
 ``pipelines.fit_tokenizers``.
+
+With ``vision.enabled`` it also pre-fits the flavor's SigLIP contrastively (``model.fit_vision``) on the toy
+world's training images and their texts, writes ``{out_dir}/vision/`` (for ``model.vision_path``, both
+families) and reports held-out retrieval per source (``vision/heldout_top1/<source>`` against
+``vision/heldout_chance/<source>``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -24,6 +30,7 @@ from common.io import atomic_write_json
 from common.tracking import TrackingConfig, build_tracker
 from evaluation.judges import ARTEFACT_MAX, artefact_peak, judge_colour
 from model.fit_tokenizers import fit_vae, fit_vq, image_tensor, psnr, vq_reconstruct
+from model.fit_vision import Pair, fit_vision, qa_tokens, retrieval_top1, words
 from model.flavors import get_flavor
 from model.inference import image_grid, to_pil
 
@@ -65,6 +72,42 @@ class FitOptions:
             )
 
 
+VISION_SOURCES = ("digits", "shapes", "charts_docs", "photos")
+
+
+@dataclass(kw_only=True)
+class VisionFitOptions:
+    """The understanding encoder's contrastive pre-fit (``model.fit_vision``): the debug analogue of the
+    pretrained SigLIP the papers start from. Off by default: real flavors load a pretrained one."""
+
+    enabled: bool = False
+    """Fit the flavor's SigLIP on the toy world's image-text pairs and write {out_dir}/vision/."""
+    sources: list[str] = field(default_factory=lambda: list(VISION_SOURCES))
+    """Toy-world sources whose training images and texts it fits on."""
+    max_pairs_per_source: int = 2000
+    """Seeded subset of at most this many pairs per source."""
+    steps: int = 800
+    """Optimizer steps (each batch draws equally from every source)."""
+    lr: float = 1e-3
+    """AdamW peak learning rate (warm-up, then cosine to 0)."""
+    batch_size: int = 64
+    """Pairs per step; every image is contrasted with every text of its batch."""
+    text_dim: int = 128
+    """Width of the bag-of-words text tower (thrown away after the fit)."""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.sources) - set(VISION_SOURCES))
+        if bad:
+            raise ValueError(f"vision.sources: unknown {bad}; valid: {list(VISION_SOURCES)}")
+        if self.enabled and not self.sources:
+            raise ValueError("vision.sources is empty but vision.enabled is true")
+        for name in ("max_pairs_per_source", "steps", "batch_size", "text_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"vision.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"vision.lr must be positive, got {self.lr}")
+
+
 @dataclass(kw_only=True)
 class FitTokenizersConfig:
     out_dir: str = "outputs/tokenizers"
@@ -90,6 +133,8 @@ class FitTokenizersConfig:
     """Janus-Pro VQ fitting."""
     vae: FitOptions = field(default_factory=FitOptions)
     """JanusFlow VAE fitting."""
+    vision: VisionFitOptions = field(default_factory=VisionFitOptions)
+    """Understanding encoder (SigLIP) pre-fit, both families; needs toyworld_dir."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Where the run is recorded."""
 
@@ -104,6 +149,8 @@ class FitTokenizersConfig:
             raise ValueError(f"max_images_per_source must be positive, got {self.max_images_per_source}")
         if self.heldout_images < 0:
             raise ValueError(f"heldout_images must be >= 0, got {self.heldout_images}")
+        if self.vision.enabled and self.toyworld_dir is None:
+            raise ValueError("vision.enabled needs toyworld_dir: the pre-fit reads the toy world's texts")
 
 
 def _toy_images(root: Path, source: str, split_name: str = "train") -> list[bytes]:
@@ -115,6 +162,34 @@ def _toy_images(root: Path, source: str, split_name: str = "train") -> list[byte
     import pyarrow.parquet as pq
 
     return list(pq.read_table(split / "photos.parquet", columns=["image"]).column("image").to_pylist())
+
+
+def _toy_pairs(root: Path, source: str, split_name: str = "train") -> list[Pair]:
+    """A toy source's images with their texts: digit prompts, shape and photo captions, and the doc type plus
+    the question/answer pairs of charts and documents."""
+    split = root / source / split_name
+    if source == "digits":
+        rows = [json.loads(line) for line in (split / "manifest.jsonl").read_text().splitlines() if line.strip()]
+        return [Pair((split / r["image"]).read_bytes(), tuple(words(r["prompt"])), source) for r in rows]
+    if source == "shapes":
+        return [
+            Pair(p.read_bytes(), tuple(words(p.with_suffix(".txt").read_text())), source)
+            for p in sorted(split.glob("*.png"))
+        ]
+    if source == "photos":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(split / "photos.parquet", columns=["image", "caption"]).to_pylist()
+        return [Pair(r["image"], tuple(words(r["caption"])), source) for r in table]
+    import webdataset as wds
+
+    out = []
+    for tar in sorted(split.glob("*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False):
+            meta = json.loads(sample["json"])
+            tokens = (meta.get("doc_type", "doc"), *qa_tokens(meta.get("conversation", [])))
+            out.append(Pair(sample["png"], tokens, source))
+    return out
 
 
 def _shard_images(root: Path) -> list[bytes]:
@@ -256,13 +331,68 @@ def fit_one(
     return metrics
 
 
+def collect_pairs(cfg: FitTokenizersConfig, split_name: str) -> list[Pair]:
+    """The vision pre-fit's pairs: a seeded subset per source of the train split, or at most
+    ``heldout_images`` per source of the eval split."""
+    root, out = Path(cfg.toyworld_dir or ""), []
+    for source in cfg.vision.sources:
+        if not (root / source / split_name).is_dir():
+            if split_name == "train":
+                raise FileNotFoundError(f"fit_tokenizers: vision source {source!r} has no {root / source / 'train'}")
+            continue
+        pairs = _toy_pairs(root, source, split_name)
+        if split_name == "train":
+            if not pairs:
+                raise FileNotFoundError(f"fit_tokenizers: no image-text pairs in {root / source / 'train'}")
+            random.Random(f"{cfg.seed}:vision:{source}").shuffle(pairs)
+            out += pairs[: cfg.vision.max_pairs_per_source]
+        else:
+            out += pairs[: cfg.heldout_images]
+    return out
+
+
+def fit_vision_tower(cfg: FitTokenizersConfig, tracker) -> dict[str, float]:
+    """Fit, save {out_dir}/vision/ and measure held-out retrieval: per source, how often an eval image's own
+    text is the nearest of that source's distinct eval texts (for digits: zero-shot classification)."""
+    opts, flavor = cfg.vision, get_flavor(cfg.flavor)
+    pairs, heldout = collect_pairs(cfg, "train"), collect_pairs(cfg, "eval")
+    every = max(1, opts.steps // 20)
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if step % every == 0 or step == opts.steps:
+            tracker.log_metrics(metrics, step=step)
+
+    vision, text, stats = fit_vision(
+        flavor, pairs, opts.steps, opts.lr, cfg.seed, batch_size=opts.batch_size, text_dim=opts.text_dim, log=log
+    )
+    vision.save_pretrained(Path(cfg.out_dir) / "vision", safe_serialization=True)
+    metrics = {f"vision/{k}": v for k, v in stats.items()}
+    metrics.update({f"vision/pairs/{s}": float(sum(p.source == s for p in pairs)) for s in opts.sources})
+    for source in opts.sources:
+        own = [p for p in heldout if p.source == source]
+        if own:
+            top1, chance = retrieval_top1(vision, text, own, flavor.vision.image_size)
+            metrics[f"vision/heldout_top1/{source}"] = top1
+            metrics[f"vision/heldout_chance/{source}"] = chance
+    tracker.log_metrics(metrics)
+    logger.info(
+        "vision: %d steps in %.0fs on %d pairs, loss %.2f -> %.2f; held-out top-1 (chance) %s -> %s",
+        opts.steps, stats["seconds"], len(pairs), stats["loss_first"], stats["loss_last"],
+        {s: f"{metrics[f'vision/heldout_top1/{s}']:.2f} ({metrics[f'vision/heldout_chance/{s}']:.3f})"
+         for s in opts.sources if f"vision/heldout_top1/{s}" in metrics},
+        Path(cfg.out_dir) / "vision",
+    )  # fmt: skip
+    return metrics
+
+
 @dataclass(kw_only=True)
 class TokenizerFitResult:
     """What a fit wrote: the saved tokenizers and the figures of ``fit_tokenizers.json``."""
 
     out_dir: Path
     paths: dict[str, Path]
-    """Tokenizer kind (``vq``, ``vae``) -> its ``save_pretrained`` folder; only the fitted kinds."""
+    """Tokenizer kind (``vq``, ``vae``, ``vision``: the pre-fitted SigLIP) -> its ``save_pretrained`` folder;
+    only the fitted kinds."""
     metrics: dict[str, float]
     """Images per source, PSNR before/after, codebook use, shape colours kept."""
 
@@ -281,6 +411,9 @@ def run_fit_tokenizers(cfg: FitTokenizersConfig) -> TokenizerFitResult:
         tracker.log_params(to_flat_dict(cfg))
         for kind in kinds:
             metrics.update(fit_one(kind, cfg, images, heldout, tracker))
+        if cfg.vision.enabled:
+            metrics.update(fit_vision_tower(cfg, tracker))
+            kinds.append("vision")
         atomic_write_json(out / REPORT_FILE, metrics)
         tracker.log_artifact(out / REPORT_FILE)
         tracker.log_artifact(out / "config.resolved.yaml")

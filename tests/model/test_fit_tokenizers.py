@@ -156,6 +156,7 @@ def test_shipped_recipe_keeps_held_out_colours(kind, tmp_path):
         f"toyworld_dir={world}",
         f"out_dir={tmp_path / 'tok'}",
         f"{other}.enabled=false",
+        "vision.enabled=false",
         "tracking.backend=none",
     ]
     recipe = Path(__file__).resolve().parents[2] / "configs" / "data" / "fit_tokenizers_toy.yaml"

@@ -29,7 +29,7 @@ SHORT_TRAINING = [
     *(f"mix_overrides=[{','.join(f'stages.stage{i}.steps=2' for i in (1, 2, 3))}]",),
     f"train_overrides=[{','.join(f'stage.{s}.steps=2' for s in ('I', 'II', 'III'))},checkpoint.every_steps=1,"
     "tracking.system_metrics_interval_s=0.5]",
-    "fit_overrides=[vq.steps=2,vae.steps=2,max_images_per_source=16]",
+    "fit_overrides=[vq.steps=2,vae.steps=2,max_images_per_source=16,vision.steps=2,vision.max_pairs_per_source=16]",
     "eval_overrides=[num_samples=3,digits_per_class=1,shapes_per_prompt=1]",
 ]
 
@@ -65,6 +65,11 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     assert (out / "tokenizers" / "vq" / "config.json").is_file() and not (out / "tokenizers" / "vae").exists()
     resolved = (out / "checkpoints" / "debug_janus_pro" / "config.resolved.yaml").read_text()
     assert f"vq_path: {(out / 'tokenizers' / 'vq').resolve()}" in resolved  # absolute: workers run elsewhere
+    # ... and the SigLIP pre-fitted on the toy world's texts, graded on held-out retrieval per source.
+    assert f"vision_path: {(out / 'tokenizers' / 'vision').resolve()}" in resolved
+    fit_report = json.loads((out / "tokenizers" / "fit_tokenizers.json").read_text())
+    for source in ("digits", "shapes", "charts_docs", "photos"):
+        assert 0.0 <= fit_report[f"vision/heldout_top1/{source}"] <= 1.0, source
     # The evaluation graded the last stage: understanding per question type, both generation judges.
     report = json.loads((out / "eval" / "janus_pro" / "eval.json").read_text())
     assert report["checkpoint"].endswith("debug_janus_pro-stage_III/final")

@@ -60,6 +60,21 @@ def test_changed_inputs_are_refused_with_what_changed(tmp_path: Path, change: st
     assert str(folder) in str(err.value) and "delete" in str(err.value)
 
 
+def test_a_pre_fitted_vision_tower_is_an_input_and_no_tower_hashes_as_before(tmp_path: Path) -> None:
+    tars, folder = _shards(tmp_path / "shards"), tmp_path / "ckpt" / "stage_I"
+    plain = StageInputs.of(_cfg(tmp_path), "I", None, tars)
+    assert "vision_path" not in plain.inputs["model"] and "vision_path" not in plain.inputs["tokenizers"]
+    tower = tmp_path / "vision"
+    tower.mkdir()
+    (tower / "config.json").write_text("{}")
+    with_tower = StageInputs.of(_cfg(tmp_path, f"model.vision_path={tower}"), "I", None, tars)
+    assert with_tower.inputs["tokenizers"]["vision_path"] == folder_sha256(tower)
+    check_stage_inputs(folder, with_tower, "I")
+    (tower / "config.json").write_text('{"refit": 1}')
+    with pytest.raises(StageInputsChanged, match=r"tokenizers\.vision_path"):
+        check_stage_inputs(folder, StageInputs.of(_cfg(tmp_path, f"model.vision_path={tower}"), "I", None, tars), "I")
+
+
 def test_a_retrained_previous_stage_invalidates_the_next(tmp_path: Path) -> None:
     tars, root = _shards(tmp_path / "shards"), tmp_path / "ckpt"
     cfg = _cfg(tmp_path)
