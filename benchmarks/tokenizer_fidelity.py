@@ -60,10 +60,11 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="fit_tokenizers key=value overrides")
     args = parser.parse_args()
     setup_logging("INFO")
-    base = [f"toyworld_dir={args.toyworld}", f"out_dir={args.out}", "tracking.backend=jsonl"]
+    # the SigLIP pre-fit is no tokenizer (nothing to reconstruct): off unless an override turns it on
+    base = [f"toyworld_dir={args.toyworld}", f"out_dir={args.out}", "tracking.backend=jsonl", "vision.enabled=false"]
     cfg = load_config(FitTokenizersConfig, RECIPE, [*base, *args.overrides])
     result = run_fit_tokenizers(cfg)
-    _pictures(cfg, list(result.paths))
+    _pictures(cfg, [kind for kind in result.paths if kind in ("vq", "vae")])
     keep = ("seconds", "psnr_after", "heldout", "kept", "artefact", "codes_used")
     print(json.dumps({k: round(v, 4) for k, v in result.metrics.items() if any(w in k for w in keep)}, indent=1))
     return 0

@@ -150,7 +150,7 @@ def _balanced_batches(pairs: Sequence[Pair], batch: int, steps: int, seed: int):
 def fit_vision(
     flavor: FlavorConfig,
     pairs: Sequence[Pair],
-    steps: int = 600,
+    steps: int = 800,
     lr: float = 1e-3,
     seed: int = 0,
     *,
