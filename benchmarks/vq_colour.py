@@ -1,6 +1,6 @@
 """Where the debug VQ loses the toy shapes' colours: the codebook, or the encoder/decoder architecture.
 
-    .venv/bin/python benchmarks/vq_colour.py --toyworld outputs/toyworld [--steps 300] [--json F]
+    .venv/bin/python benchmarks/vq_colour.py --toyworld outputs/toyworld [--steps 300] [--max-images N] [--json F]
 
 Fits, on the same toy training images (digits and shapes, 600 each) with the same loss, steps, batch and
 learning rate as ``configs/data/fit_tokenizers_toy.yaml``:
@@ -53,12 +53,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--toyworld", required=True, help="an existing toy world (python -m pipelines.toyworld)")
     parser.add_argument("--steps", type=int, default=0, help="fit steps (0 = the recipe's VQ steps)")
+    parser.add_argument("--max-images", type=int, default=0, help="images per source (0 = the recipe's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="", help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    cfg = load_config(FitTokenizersConfig, RECIPE, [f"toyworld_dir={args.toyworld}"])
+    limit = [f"max_images_per_source={args.max_images}", f"heldout_images={args.max_images}"] if args.max_images else []
+    cfg = load_config(FitTokenizersConfig, RECIPE, [f"toyworld_dir={args.toyworld}", *limit])
     steps = args.steps or cfg.vq.steps
     images, heldout = collect_images(cfg), collect_heldout(cfg)
     flat = [img for imgs in images.values() for img in imgs]

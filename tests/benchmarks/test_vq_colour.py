@@ -16,7 +16,8 @@ def test_vq_colour_benchmark_compares_the_three_fits(tmp_path: Path) -> None:
     world = small_world(tmp_path / "toyworld")
     out = tmp_path / "vq_colour.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/vq_colour.py", "--toyworld", str(world), "--steps", "3", "--json", str(out)],
+        [sys.executable, "benchmarks/vq_colour.py", "--toyworld", str(world), "--steps", "3", "--max-images", "24",
+         "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
