@@ -186,6 +186,11 @@ def _toy_pairs(root: Path, source: str, split_name: str = "train") -> list[Pair]
     out = []
     for tar in sorted(split.glob("*.tar")):
         for sample in wds.WebDataset(str(tar), shardshuffle=False):
+            if "png" not in sample or "json" not in sample:
+                raise ValueError(
+                    f"{tar}: sample {sample.get('__key__')!r} lacks a png image or its json (has "
+                    f"{sorted(k for k in sample if not k.startswith('__'))})"
+                )
             meta = json.loads(sample["json"])
             tokens = (meta.get("doc_type", "doc"), *qa_tokens(meta.get("conversation", [])))
             out.append(Pair(sample["png"], tokens, source))

@@ -131,3 +131,30 @@ def test_a_stage_from_scratch_loads_the_tower_and_a_later_stage_keeps_its_own(de
     StageWeights(stage="I", steps=1, family="janus_pro", flavor="debug").write(tmp_path / "I", model.state_dict())
     *_, model2, _, _ = build_stage_model(cfg, "II", str(tmp_path / "I"), torch.device("cpu"))
     assert torch.allclose(vision_module(model2)(pixel_values=x).last_hidden_state, moved, atol=1e-6)
+
+
+def test_bad_vision_inputs_are_named(tmp_path: Path) -> None:
+    from data_prep.shards import write_tar
+    from training.tokenizers import FitTokenizersConfig, VisionFitOptions, collect_pairs
+
+    with pytest.raises(ValueError, match=r"vision\.sources: unknown \['pixels'\]"):
+        VisionFitOptions(sources=["pixels"])
+    with pytest.raises(ValueError, match="vision.enabled needs toyworld_dir"):
+        FitTokenizersConfig(toyworld_dir=None, shards_dir=str(tmp_path), vision=VisionFitOptions(enabled=True))
+    cfg = FitTokenizersConfig(
+        toyworld_dir=str(tmp_path), vision=VisionFitOptions(enabled=True, sources=["charts_docs"])
+    )
+    with pytest.raises(FileNotFoundError, match=r"vision source 'charts_docs' has no .*charts_docs/train"):
+        collect_pairs(cfg, "train")
+    assert collect_pairs(cfg, "eval") == []  # no held-out split: nothing to measure, no error
+    split = tmp_path / "charts_docs" / "train"
+    split.mkdir(parents=True)
+    write_tar(
+        split / "charts_docs-000000.tar",
+        [{"__key__": "train_000000", "png": _shape_image(np.random.default_rng(0), "red", "square")}],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"charts_docs-000000\.tar: sample 'train_000000' lacks a png image or its json \(has \['png'\]\)",
+    ):
+        collect_pairs(cfg, "train")
