@@ -10,7 +10,7 @@ is kept; ``apply_vision`` puts it into either family (each family's spec maps th
 ``JanusVisionModel`` is the same network with another name for the attention output projection and no pooling
 head).
 
-Texts are bags of tokens (``text_tokens``): the words of a caption, or one ``question=answer`` token per
+Texts are bags of tokens: the words of a caption (``words``), or one ``question=answer`` token per
 question/answer pair, so "which bar is highest: A" and "which bar is lowest: A" stay apart. Pairs whose texts
 have the same bag are positives of each other (ten images of the digit 7 share one prompt).
 """
