@@ -61,6 +61,23 @@ def test_colour_judge_names_the_drawn_colour() -> None:
     assert all(hits)
     assert judge_colour(Image.new("RGB", (64, 64), (255, 255, 255))) == "none"
     assert judge_colour(Image.new("RGB", (64, 64), (30, 60, 220))) == "blue"
+    assert judge_colour(Image.new("RGB", (64, 64), (90, 90, 90))) == "none"  # grey ink has no hue
+
+
+def test_colour_judge_reads_blurred_and_faded_shapes_as_their_colour() -> None:
+    """A tokenizer that keeps a shape's colour but blurs its edges (8x8-patch means: the debug VQ's code grid)
+    or a faint generated shape is judged by its hue, not by the paler mix of colour and white its pixels are;
+    a black smudge on a red shape does not change its colour."""
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        img, facts = toy_render.render_shapes(rng, 64, 3)
+        blurred = img.resize((8, 8), Image.Resampling.BOX).resize((64, 64), Image.Resampling.BILINEAR)
+        faded = Image.blend(img, Image.new("RGB", img.size, (255, 255, 255)), 0.6)
+        assert judge_colour(blurred) == judge_colour(faded) == facts["color"], facts
+    red = Image.new("RGB", (64, 64), (255, 255, 255))
+    red.paste((220, 30, 30), (10, 10, 40, 40))
+    red.paste((0, 0, 0), (20, 20, 60, 30))  # more black pixels than red ones outside the square
+    assert judge_colour(red) == "red"
 
 
 def test_questions_come_from_eval_splits_only(world: Path) -> None:
