@@ -146,7 +146,7 @@ def judge_colour(image: bytes | Image.Image) -> str:
         return "none"
     chroma = _chroma(ink)
     weight = np.linalg.norm(chroma, axis=1)
-    if weight.sum() < 1e-6 * len(ink) or (weight > 8.0).sum() < 4:  # grey ink only (8 of 255: JPEG-level)
+    if (weight > 8.0).sum() < 4:  # grey ink only (a chroma of 8 in 255: JPEG-level noise)
         return "none"
     names = list(COLORS)
     hues = _chroma(np.asarray([COLORS[n] for n in names], dtype=np.float64))
