@@ -153,6 +153,9 @@ def write_shard(spec: dict[str, Any], work_dir: str, out_dir: str) -> dict[str, 
         stats = json.loads(stats_path.read_text())
         if stats.get("keys_digest") == spec["keys_digest"] and stats.get("config_hash") == spec["config_hash"]:
             return {**stats, "reused": True}
+    # an earlier run's stats must not vouch for the tar about to be replaced: until this run's stats land, the
+    # shard reads as unfinished (a job that dies after the tar's rename left them describing other bytes)
+    stats_path.unlink(missing_ok=True)
     embeddings = bool(spec.get("embeddings"))
     rows = _load_rows(work_dir, source, spec["members"], embeddings)
     meta_rows = []
