@@ -26,7 +26,7 @@ import pytest
 from common import faults
 from common.faults import Fault
 from common.tracking import TrackingConfig
-from data_prep.curated_shards import ShardConfig
+from data_prep.curated_shards import DRILL_SHARD, ShardConfig
 from data_prep.curation import CurateConfig, ExecConfig, run_curation
 from data_prep.schema import encode_sample
 from data_prep.shards import write_tar
@@ -77,6 +77,22 @@ def test_full_disk_while_writing_shards(tmp_path: Path, ray_local) -> None:  # n
     assert (result["inputs"], result["kept"], result["rejected"]) == (12, 12, 0)
     assert [s["name"] for s in result["shards"]] == [f"docs-{i:06d}.tar" for i in range(4)]
     assert sorted(p.name for p in folder.glob("*.tar")) == [s["name"] for s in result["shards"]]
+    _complete_shards_are_whole(folder)
+
+
+def test_rewrite_killed_before_its_stats_leaves_no_stale_stats(tmp_path: Path, ray_local) -> None:  # noqa: F811
+    """A rerun that dies after replacing a shard's tar but before its stats: the earlier run's stats of that
+    shard must not stay behind, vouching for bytes that are no longer there."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": f"document {i} has words"} for i in range(12)])
+    out = tmp_path / "out"
+    folder = out / "docs"
+    run_curation(_curate_cfg(src, out, per_shard=4))  # an earlier, complete run: 3 shards with their stats
+    assert (folder / "docs-000000_stats.json").is_file()
+    drill = Fault(DRILL_SHARD, "raise", when={"source": "docs", "index": 0})
+    with faults.arm(drill), pytest.raises(Exception, match="fault drill at curate.shard"):
+        run_curation(_curate_cfg(src, out, per_shard=3))  # shard 0's new tar is in place, its stats are not
+    assert (folder / "docs-000000.tar").is_file()
+    assert not (folder / "docs-000000_stats.json").exists()
     _complete_shards_are_whole(folder)
 
 
