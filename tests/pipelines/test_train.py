@@ -66,6 +66,29 @@ def _cfg(tmp: Path, data: Path, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, None, [*base, *overrides])
 
 
+RESUMED = ["stage.I.steps=4", "scaling.max_failures=2"]
+"""Stage I of the shared Janus-Pro run is 4 steps (checkpoints at 2 and 4): the killed-worker test reruns it with
+a kill at step 3 and compares against it, so its losses and weights need no second clean run."""
+
+
+@pytest.fixture(scope="module")
+def three_stages(ray_local, stage_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``get(family) -> (cfg, finals)``: each family's three-stage run, trained once per module and read by
+    several tests (a three-stage run costs about a minute and a half on 2 cores)."""
+    runs: dict[str, tuple[TrainConfig, dict]] = {}
+
+    def get(family: str) -> tuple[TrainConfig, dict]:
+        if family not in runs:
+            extra = RESUMED if family == "janus_pro" else []
+            tmp = tmp_path_factory.mktemp(family)
+            names = [f"model.family={family}", f"name={family}", f"registry.name=toy-{family}"]
+            cfg = _cfg(tmp, stage_data, *names, *extra)
+            runs[family] = (cfg, run_training(cfg))
+        return runs[family]
+
+    return get
+
+
 def _weights(cfg: TrainConfig, stage: str) -> dict[str, torch.Tensor]:
     return load_file(str(stage_dir(cfg, stage) / "final" / WEIGHTS_FILE))
 
@@ -90,9 +113,8 @@ def _param_names(family: str) -> set[str]:
 
 
 @pytest.mark.parametrize("family", ["janus_pro", "janusflow"])
-def test_three_stages_freeze_and_mlflow(family: str, ray_local, stage_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, stage_data, f"model.family={family}", f"name={family}", f"registry.name=toy-{family}")
-    finals = run_training(cfg)
+def test_three_stages_freeze_and_mlflow(family: str, three_stages) -> None:
+    cfg, finals = three_stages(family)
     assert set(finals) == {"I", "II", "III"}
     names = _param_names(family)
     torch.manual_seed(cfg.seed)  # the stage I starting point, as the workers built it
@@ -114,7 +136,7 @@ def test_three_stages_freeze_and_mlflow(family: str, ray_local, stage_data: Path
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_s"} <= set(child.data.metrics)
         history = client.get_metric_history(child.info.run_id, "loss")
-        assert [m.step for m in history] == [1, 2]
+        assert [m.step for m in history] == list(range(1, cfg.stage[stage].steps + 1))
         assert int(child.data.params["trainable_params"]) > 0
         assert child.data.metrics["tflops_per_s_per_device"] > 0
         previews = {Path(a.path).suffix for a in client.list_artifacts(child.info.run_id, "previews")}
@@ -146,11 +168,9 @@ def test_three_stages_freeze_and_mlflow(family: str, ray_local, stage_data: Path
         assert torch.equal(stock.state_dict()["lm_head.weight"], trained["lm_head.weight"])
 
 
-def test_killed_worker_resumes_with_identical_losses(ray_local, stage_data: Path, tmp_path: Path) -> None:
-    common = ["stages=[I]", "stage.I.steps=4", "checkpoint.every_steps=2", "scaling.max_failures=2"]
-    clean = _cfg(tmp_path / "clean", stage_data, *common, "name=clean")
-    run_training(clean)
-    faulty = _cfg(tmp_path / "faulty", stage_data, *common, "name=faulty")
+def test_killed_worker_resumes_with_identical_losses(three_stages, stage_data: Path, tmp_path: Path) -> None:
+    clean, _ = three_stages("janus_pro")  # its stage I: 4 steps, checkpoints at 2 and 4, nobody killed
+    faulty = _cfg(tmp_path / "faulty", stage_data, "model.family=janus_pro", *RESUMED, "stages=[I]", "name=faulty")
     # Ray (the module's fixture) started before the drill was armed: it reaches the workers via their runtime_env.
     marker = tmp_path / "fault_killed_rank1_after_step3"
     drill = Fault("train.step_end", "kill", when={"stage": "I", "rank": 1, "step": 3}, once=str(marker))
@@ -167,6 +187,7 @@ def test_killed_worker_resumes_with_identical_losses(ray_local, stage_data: Path
         return out
 
     a, b = losses(clean), losses(faulty)
+    assert all(len(a[step]) == 1 for step in (1, 2, 3, 4)), f"the clean run ran each step once: {a}"
     assert len(b[3]) == 2, "step 3 ran before the kill and again after the resume from step 2"
     for step in (1, 2, 3, 4):
         assert b[step][-1] == pytest.approx(a[step][-1], rel=1e-6), f"step {step}: {b[step]} vs {a[step]}"
@@ -174,9 +195,8 @@ def test_killed_worker_resumes_with_identical_losses(ray_local, stage_data: Path
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
 
 
-def test_checkpoint_of_two_workers_loads_in_one(ray_local, stage_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, stage_data, "stages=[I]", "name=reshard")
-    run_training(cfg)
+def test_checkpoint_of_two_workers_loads_in_one(three_stages) -> None:
+    cfg, _ = three_stages("janus_pro")
     ckpts = sorted(p for p in stage_dir(cfg, "I").glob("checkpoint_*") if p.is_dir())
     assert ckpts and len({p.name for p in ckpts[-1].glob("__*_0.distcp")}) == 2, "written by 2 ranks"
     flavor = get_flavor("debug")
@@ -185,7 +205,7 @@ def test_checkpoint_of_two_workers_loads_in_one(ray_local, stage_data: Path, tmp
     model = build_model(flavor, "janus_pro")
     task = build_task(model, flavor, cfg.model)
     state = load_checkpoint(ckpts[-1], task, None, None)  # one process, no process group
-    assert (state.step, state.world_size) == (2, 2)
+    assert (state.step, state.world_size) == (cfg.stage["I"].steps, 2)
     final = _weights(cfg, "I")
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], final[k]) for k in final)
