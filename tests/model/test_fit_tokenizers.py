@@ -29,7 +29,7 @@ def toy_images() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def fitted_vq(toy_images, debug_flavor):
-    return fit_vq(debug_flavor, toy_images, steps=100, lr=2e-3, seed=0, batch_size=8, restart_every=25)
+    return fit_vq(debug_flavor, toy_images, steps=70, lr=2e-3, seed=0, batch_size=8, restart_every=20)
 
 
 def test_vq_fit_reduces_error_and_uses_codebook(fitted_vq, toy_images, debug_flavor, tmp_path):
