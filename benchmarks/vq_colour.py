@@ -12,8 +12,9 @@ learning rate as ``configs/data/fit_tokenizers_toy.yaml``:
   latent: the same grid), fitted as the VAE is;
 - ``kl_8x_vq_widths``: ``kl_8x`` with the VQ's widths (32, 32, 64, 64) and its 32 norm groups: the diffusers
   blocks against transformers' at the same sizes. Measured at 300 steps (hue judge): 0.33 here (0.45 in a
-  standalone run of the same fit), against 0.16-0.19 for ``vq_no_codebook`` and 0.705 for ``kl_8x``: the wider
-  net with more norm groups loses about half of ``kl_8x``'s colour, transformers' blocks most of the rest;
+  standalone run of the same fit), against 0.16-0.19 for ``vq_no_codebook`` and 0.705 for ``kl_8x``. The widths
+  and norm groups cost about half of ``kl_8x``'s colour; transformers' blocks at 32 channels with 8 groups (not
+  buildable stock) keep 0.33-0.39 without the codebook, so the blocks themselves are not the gap;
 - ``vq_no_out_norm``: the shipped VQ fit with the decoder's last GroupNorm left out (a diagnostic: the stock
   ``JanusVQVAE`` cannot be built without it). At the debug width, 32 channels in transformers' fixed 32 groups,
   that norm is an instance norm: on a toy shape image (one colour on white) it scales each channel's map to the
