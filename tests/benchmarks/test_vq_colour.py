@@ -1,4 +1,4 @@
-"""benchmarks/vq_colour.py runs its five fits and reports comparable held-out figures."""
+"""benchmarks/vq_colour.py runs its seven fits and reports comparable held-out figures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.pipelines.eval_fixtures import small_world
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_vq_colour_benchmark_compares_the_five_fits(tmp_path: Path) -> None:
+def test_vq_colour_benchmark_compares_the_seven_fits(tmp_path: Path) -> None:
     world = small_world(tmp_path / "toyworld")
     out = tmp_path / "vq_colour.json"
     proc = subprocess.run(
@@ -22,7 +22,7 @@ def test_vq_colour_benchmark_compares_the_five_fits(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    fits = ["vq", "vq_no_codebook", "kl_8x", "kl_8x_vq_widths", "vq_no_out_norm"]
+    fits = ["vq", "vq_no_codebook", "kl_8x", "kl_8x_vq_widths", "vq_no_out_norm", "vq_grid16", "plain_8x"]
     assert report["steps"] == 3 and list(report["fits"]) == fits
     for figures in report["fits"].values():
         assert 0.0 <= figures["shape_colour_kept"] <= 1.0
