@@ -21,7 +21,8 @@ learning rate as ``configs/data/fit_tokenizers_toy.yaml``:
 - ``plain_8x``: a plain convolutional autoencoder (three stride-2 convs down to the same 8x8x8 latent, three
   nearest-upsample convs back; no norms, residual blocks, attention or codebook), fitted with the VQ's loss,
   steps, batch and learning rate: what the data, loss and step budget allow. Measured at 300 steps: 0.47 in 49
-  s, against 0.175-0.245 for every transformers ``JanusVQVAE`` variant tried (README);
+  s, against 0.165-0.33 for every transformers ``JanusVQVAE`` variant tried (README). Nearly the same plain net
+  with one more conv in its decoder kept 0.18 in one fit, so single fits of either kind can flip;
 - ``vq_no_out_norm``: the shipped VQ fit with the decoder's last GroupNorm left out (a diagnostic: the stock
   ``JanusVQVAE`` cannot be built without it). At the debug width, 32 channels in transformers' fixed 32 groups,
   that norm is an instance norm: on a toy shape image (one colour on white) it scales each channel's map to the
