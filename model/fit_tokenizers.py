@@ -11,6 +11,7 @@ generated pixels meaningless, so the toy-world demo fits them first (a few hundr
 - VAE: diffusers ``AutoencoderKL``: L1 + L2 reconstruction of a posterior sample + a small KL. The fitted
   ``scaling_factor`` is 1 / std of the latents (as Stable Diffusion), so the flow model sees unit-scale latents.
 
+Both fit on ``device`` (CPU by default; a GPU fits the same recipe in seconds) and are returned on the CPU.
 Both are saved with ``save_pretrained`` (safetensors) and loaded with ``model.janus_pro.load_vq`` /
 ``model.janusflow_task.load_vae``; ``ModelConfig.vq_path`` / ``vae_path`` point the trainer at them.
 """
@@ -139,7 +140,7 @@ def _restart_codes(vq: JanusVQVAE, z: torch.Tensor, counts: torch.Tensor, gen: t
     dead = (counts == 0).nonzero().flatten()
     if dead.numel():
         flat = z.reshape(-1, z.shape[-1])
-        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=gen)
+        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=gen).to(flat.device)
         vq.quantize.embedding.weight[dead] = flat[pick]
     return int(dead.numel())
 
@@ -148,7 +149,7 @@ def _restart_codes(vq: JanusVQVAE, z: torch.Tensor, counts: torch.Tensor, gen: t
 def eval_vq(vq: JanusVQVAE, x: torch.Tensor, batch: int = 64) -> dict[str, float]:
     """Reconstruction MSE / PSNR through the stock encode/decode, and codebook usage."""
     vq.eval()
-    err, used = 0.0, torch.zeros(vq.config.num_embeddings)
+    err, used = 0.0, torch.zeros(vq.config.num_embeddings, device=x.device)
     for chunk in x.split(batch):
         ids = vq.encode(chunk).image_tokens.view(chunk.shape[0], -1)
         recon = vq.decode(ids).clamp(-1, 1)
@@ -173,6 +174,7 @@ def fit_vq(
     foreground_weight: float = 4.0,
     patch_colour_weight: float = 8.0,
     quantize: bool = True,
+    device: str | torch.device = "cpu",
     log: Log | None = None,
 ) -> tuple[JanusVQVAE, FitStats]:
     """A VQ of the flavor fitted on ``images`` (encoded bytes); returns it (eval mode, frozen) and its stats.
@@ -180,13 +182,13 @@ def fit_vq(
     (its codebook is untrained: reconstruct with ``vq_reconstruct(..., quantize=False)``)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x = image_tensor(images, flavor.vq.image_size)
-    vq = build_vq(flavor)
+    x = image_tensor(images, flavor.vq.image_size).to(device)
+    vq = build_vq(flavor).to(device)
     before = eval_vq(vq, x)
+    counts = torch.zeros(vq.config.num_embeddings, device=device)
     with torch.no_grad():  # start the codebook on encoder outputs
-        _restart_codes(vq, vq_latents(vq, x[:batch_size]), torch.zeros(vq.config.num_embeddings), gen)
+        _restart_codes(vq, vq_latents(vq, x[:batch_size]), counts, gen)
     opt = torch.optim.Adam(vq.parameters(), lr=lr)
-    counts = torch.zeros(vq.config.num_embeddings)
     start = time.perf_counter()
     vq.train()
     for step, idx in enumerate(_batches(len(x), batch_size, steps, seed), start=1):
@@ -209,6 +211,7 @@ def fit_vq(
         vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=-1))
     vq.eval().requires_grad_(False)
     after = eval_vq(vq, x)
+    vq.cpu()
     stats = FitStats(
         psnr_before=before["psnr"],
         psnr_after=after["psnr"],
@@ -248,13 +251,14 @@ def fit_vae(
     batch_size: int = 16,
     kl_weight: float = 1e-4,
     foreground_weight: float = 4.0,
+    device: str | torch.device = "cpu",
     log: Log | None = None,
 ) -> tuple[AutoencoderKL, FitStats]:
     """An AutoencoderKL of the flavor fitted on ``images``; its scaling_factor set to 1 / latent std."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x = image_tensor(images, flavor.flow.image_size)
-    vae = build_vae(flavor).requires_grad_(True)
+    x = image_tensor(images, flavor.flow.image_size).to(device)
+    vae = build_vae(flavor).requires_grad_(True).to(device)
     before = eval_vae(vae, x)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     start = time.perf_counter()
@@ -272,6 +276,7 @@ def fit_vae(
             log(step, {"vae/loss": loss.item(), "vae/mse": mse.item(), "vae/kl": kl.item()})
     vae.eval().requires_grad_(False)
     after = eval_vae(vae, x)
+    vae.cpu()
     vae.register_to_config(scaling_factor=1.0 / max(after["latent_std"], 1e-6))
     stats = FitStats(
         psnr_before=before["psnr"],

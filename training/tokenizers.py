@@ -129,6 +129,10 @@ class FitTokenizersConfig:
     """Seeds the subset, the initialisation and the batches."""
     threads: int = 2
     """torch intra-op threads (CPU)."""
+    device: str = "cpu"
+    """Where the VQ and VAE fits run: "cpu", or "cuda" / "cuda:N" (the fitted tokenizers are saved and measured
+    on the CPU either way). Measured for the debug VQ: 0.04-0.05 s/step on one H200 shared by 8-12 fits at once,
+    against 0.45-1 s/step on 2 CPU cores. The vision pre-fit stays on the CPU."""
     vq: FitOptions = field(default_factory=FitOptions)
     """Janus-Pro VQ fitting."""
     vae: FitOptions = field(default_factory=FitOptions)
@@ -151,6 +155,14 @@ class FitTokenizersConfig:
             raise ValueError(f"heldout_images must be >= 0, got {self.heldout_images}")
         if self.vision.enabled and self.toyworld_dir is None:
             raise ValueError("vision.enabled needs toyworld_dir: the pre-fit reads the toy world's texts")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device: {self.device!r} is not a torch device ({exc})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: {self.device!r}: fits run on cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device!r} asked for, but torch sees no CUDA device here")
 
 
 def _toy_images(root: Path, source: str, split_name: str = "train") -> list[bytes]:
@@ -308,6 +320,7 @@ def fit_one(
 
     flat = [img for imgs in images.values() for img in imgs]
     kwargs = {"batch_size": opts.batch_size, "foreground_weight": opts.foreground_weight, "log": log}
+    kwargs["device"] = cfg.device
     if kind == "vq":
         colour = opts.patch_colour_weight
         module, stats = fit_vq(flavor, flat, opts.steps, opts.lr, cfg.seed, patch_colour_weight=colour, **kwargs)

@@ -168,3 +168,16 @@ def test_shipped_recipe_keeps_held_out_colours(kind, tmp_path):
     print({k: round(v, 3) for k, v in metrics.items()})
     assert metrics[f"{kind}/shape_colour_kept"] >= 0.95
     assert max(metrics[f"{kind}/artefact_peak/{s}"] for s in ("digits", "shapes")) <= ARTEFACT_MAX
+
+
+def test_fit_device_is_checked_up_front(tmp_path):
+    from training.tokenizers import FitTokenizersConfig
+
+    assert FitTokenizersConfig(toyworld_dir=str(tmp_path), device="cpu").device == "cpu"
+    with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
+        FitTokenizersConfig(toyworld_dir=str(tmp_path), device="gpu0")
+    with pytest.raises(ValueError, match="fits run on cpu or cuda"):
+        FitTokenizersConfig(toyworld_dir=str(tmp_path), device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            FitTokenizersConfig(toyworld_dir=str(tmp_path), device="cuda:0")
