@@ -28,6 +28,7 @@ def test_gpu_step_benchmark_runs_on_cpu_with_the_gpu_machine_imports(tmp_path: P
     rows = json.loads(out.read_text())
     assert [r["setting"] for r in rows] == ["shipped", "compile+ac", "recipe-batch"]
     assert rows[1]["compile"] and rows[1]["ac"] and not rows[0]["compile"]
+    assert {r["precision"] for r in rows} == {"float32"}  # auto: fp32 on the CPU
     assert [r["micro"] for r in rows] == [24, 24, 4]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["tflops_per_s"] > 0 and r["step_time_s"] > 0
