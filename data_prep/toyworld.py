@@ -89,17 +89,12 @@ class ToyWorldConfig:
     """At most this many shapes in one image."""
     charts_docs: SplitSizes = _sizes(600, 100)
     """Chart/document images per split."""
-    chart_questions: str = "subset"
-    """Which of its questions each chart/document image asks: "subset" (a seeded subset of 1 to all of them, the
-    demo's) or "all" (the same images; about 1.6x the questions per image)."""
     photos: SplitSizes = _sizes(200, 40)
     """Photograph crops per split (spread over the bundled photographs)."""
     text: SplitSizes = _sizes(1000, 100)
     """Text-only samples per split."""
 
     def __post_init__(self) -> None:
-        if self.chart_questions not in ("subset", "all"):
-            raise ValueError(f"chart_questions must be 'subset' or 'all', got {self.chart_questions!r}")
         unknown = sorted(set(self.sources) - set(SOURCES))
         if unknown:
             raise ValueError(f"sources: unknown {unknown}; valid: {list(SOURCES)}")
@@ -246,10 +241,8 @@ def write_charts_docs(cfg: ToyWorldConfig, root: Path) -> dict[str, int]:
             render = toy_render.render_chart if rng.random() < 0.7 else toy_render.render_document
             img, facts = render(rng, cfg.chart_size)
             qas = facts.pop("qas")
-            # Ask a seeded subset of the questions (drawn either way, so "all" keeps the same images).
+            # Ask a seeded subset of the questions, in a seeded order.
             keep = rng.permutation(len(qas))[: int(rng.integers(1, len(qas) + 1))]
-            if cfg.chart_questions == "all":
-                keep = np.arange(len(qas))
             meta = {**facts, "conversation": _conversation([tuple(qas[k]) for k in sorted(keep)])}
             records.append(
                 {

@@ -153,29 +153,3 @@ def test_digits_and_shapes_qa_ask_about_the_same_pixels(world: Path) -> None:
             first_questions.add(turns[0]["content"])
         if len(shapes) >= 10:  # the order varies, so no answer can be told by its turn's position
             assert len(first_questions) == 3
-
-
-def test_chart_questions_all_asks_every_question_of_the_same_images(world: Path, tmp_path: Path) -> None:
-    cfg = _small(tmp_path / "all")
-    cfg.sources, cfg.chart_questions = ["charts_docs"], "all"
-    every = build_toyworld(cfg, log=lambda _: None)
-    for split, n in (("train", 8), ("eval", 4)):
-        name = f"charts_docs/{split}/charts_docs-000000.tar"
-        subset = list(wds.WebDataset(str(world / name), shardshuffle=False))
-        full = list(wds.WebDataset(str(every / name), shardshuffle=False))
-        assert len(subset) == len(full) == n
-        asked = {"subset": 0, "all": 0}
-        for a, b in zip(subset, full, strict=True):
-            assert a["png"] == b["png"]  # the same images
-            questions_a = [t["content"] for t in json.loads(a["json"])["conversation"] if t["role"] == "user"]
-            questions_b = [t["content"] for t in json.loads(b["json"])["conversation"] if t["role"] == "user"]
-            strip = [q.removeprefix("<image>\n") for q in questions_a]
-            assert set(strip) <= {q.removeprefix("<image>\n") for q in questions_b}
-            doc_type = json.loads(b["json"])["doc_type"]
-            expected = {"bar_chart": 4, "line_chart": 2, "pie_chart": 3, "document": 3}[doc_type]
-            assert len(questions_b) == expected
-            asked["subset"] += len(questions_a)
-            asked["all"] += len(questions_b)
-        assert asked["all"] >= asked["subset"]
-    with pytest.raises(ValueError, match="chart_questions must be 'subset' or 'all'"):
-        ToyWorldConfig(chart_questions="some")
