@@ -192,7 +192,7 @@ class Data:
 
 def load_data(args: argparse.Namespace) -> Data:
     if args.bundle:
-        raw = torch.load(args.bundle, weights_only=False)
+        raw = torch.load(args.bundle, weights_only=True)  # plain containers of bytes, str and numbers
         return Data(**raw)
     from common.config import load_config
     from training.tokenizers import FitTokenizersConfig, collect_heldout, collect_images
