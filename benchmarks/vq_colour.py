@@ -193,6 +193,10 @@ class Data:
 def load_data(args: argparse.Namespace) -> Data:
     if args.bundle:
         raw = torch.load(args.bundle, weights_only=True)  # plain containers of bytes, str and numbers
+        fields = set(Data.__dataclass_fields__)
+        if not isinstance(raw, dict) or set(raw) != fields:
+            got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+            raise SystemExit(f"{args.bundle}: not a --export-bundle file (expected keys {sorted(fields)}, got {got})")
         return Data(**raw)
     from common.config import load_config
     from training.tokenizers import FitTokenizersConfig, collect_heldout, collect_images

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.pipelines.eval_fixtures import small_world
 
@@ -58,3 +59,7 @@ def test_vq_colour_sweeps_seeds_and_steps_from_a_bundle_in_worker_processes(tmp_
         assert figures["shape_colour_kept"] == pytest.approx(sum(kept) / 2)
         assert figures["shape_colour_kept_min"] == min(kept) and figures["shape_colour_kept_max"] == max(kept)
     assert "seed 1:" in proc.stdout and "colours kept" in proc.stdout
+    bad = tmp_path / "bad.pt"
+    torch.save({"images": []}, bad)
+    proc = subprocess.run([*script, "--bundle", str(bad)], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and f"{bad}: not a --export-bundle file" in proc.stderr
