@@ -47,9 +47,9 @@ and prints, on held-out images (the eval split), the fraction of shapes whose co
 does, a bigger codebook will not bring them back. ``--fits`` picks some of them (default: the first seven).
 
 ``--steps`` and ``--lr`` take comma-separated lists and ``--seeds`` several seeds: every fit runs for each
-combination and the table gives the mean and the range over seeds (single fits vary by up to
-0.3 here, so compare ranges). ``--device cuda`` fits on a GPU and ``--workers N`` runs N fits at once, each in
-its own process; round trips are measured on the CPU. ``--export-bundle`` writes the recipe's images and
+combination and the table gives the mean and the range over seeds (single fits vary by up to 0.3 here, so
+compare ranges). ``--device cuda`` fits on a GPU and ``--workers N`` runs N fits at once, each in its own
+process; round trips are measured on the CPU. ``--export-bundle`` writes the recipe's images and
 options to one file so that ``--bundle`` runs where there is no toy world (a GPU machine with torch,
 transformers, diffusers and omegaconf only). A fit that fails is reported and the others go on; the exit
 status is then non-zero.
