@@ -64,7 +64,8 @@ class EvalConfig:
     flavor: str | None = None
     """Expected flavor; None = whatever the checkpoint holds."""
     vae_path: str | None = None
-    """JanusFlow: diffusers VAE that decodes the latents (the fitted one); None = found beside the checkpoint."""
+    """JanusFlow: diffusers VAE that decodes the latents (the fitted one); None = found beside the checkpoint or
+    recorded in its stage's inputs.json; none found is an error (a random VAE would grade noise)."""
     toyworld_dir: str = "outputs/toyworld"
     """Toy world root; only its eval/ splits are asked (the digit judge trains on digits/eval)."""
     num_samples: int = 100
@@ -332,7 +333,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> EvalReport:
     out = Path(cfg.out_dir)
     save_resolved(cfg, out)
     start = time.perf_counter()
-    lm = load_for_inference(cfg.checkpoint, cfg.vae_path)
+    lm = load_for_inference(cfg.checkpoint, cfg.vae_path, require_vae=True)  # a random VAE grades noise
     _check_expected(cfg, lm)
     und, records = evaluate_understanding(cfg, lm)
     results = {f"understanding/{k}": v for k, v in und.items()}

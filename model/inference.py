@@ -3,12 +3,15 @@
 ``load_for_inference(DIR)`` takes a training stage's ``final/`` folder (``model.safetensors`` +
 ``stage_done.json``) or an export (Janus-Pro: transformers directory; JanusFlow: our reference-layout
 export). JanusFlow decodes through a VAE that is not part of its weights: ``vae_path`` (a fitted or pretrained
-diffusers directory), else ``DIR/vae`` or ``DIR/../../vae`` when present, else the flavor's random VAE (with a
-warning). Used by the generate and evaluate jobs and by the MLflow model (model.mlflow_model).
+diffusers directory), else ``DIR/vae`` or ``DIR/../../vae`` when present, else, for a stage's ``final/``, the
+``model.vae_path`` its stage trained with (recorded in the stage's ``inputs.json``), else the flavor's random VAE
+(with a warning; ``require_vae=True`` makes it an error, as the evaluation does: a random VAE grades noise).
+Used by the generate and evaluate jobs and by the MLflow model (model.mlflow_model).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from model.build import build_model
 from model.family import get_family
 from model.flavors import FAMILIES, FlavorConfig, get_flavor
 from model.tokenizer import SpecialIds, load_tokenizer, special_ids
-from model.weights import DONE_FILE, StageWeights, load_weights
+from model.weights import DONE_FILE, INPUTS_FILE, StageWeights, load_weights
 
 log = logging.getLogger("model.inference")
 
@@ -39,13 +42,31 @@ class LoadedModel:
     vae: nn.Module | None = None
 
 
-def _find_vae(checkpoint: Path, vae_path: str | None) -> str | None:
+def _recorded_vae(checkpoint: Path) -> str | None:
+    """The ``model.vae_path`` a stage's ``final/`` was trained with, from the stage folder's ``inputs.json``."""
+    record = checkpoint.parent / INPUTS_FILE
+    if not (checkpoint / DONE_FILE).is_file() or not record.is_file():
+        return None
+    try:
+        inputs = json.loads(record.read_text()).get("inputs", {})
+        path = inputs.get("model", {}).get("vae_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("%s: unreadable (%s); not using its recorded VAE", record, exc)
+        return None
+    return path if isinstance(path, str) and path else None
+
+
+def _find_vae(checkpoint: Path, vae_path: str | None) -> tuple[str | None, list[str]]:
+    """-> the VAE directory to load (None: none found) and the places looked at, for the error message."""
     if vae_path:
-        return vae_path
-    for cand in (checkpoint / "vae", checkpoint.parent.parent / "vae"):
+        return vae_path, [vae_path]
+    looked = []
+    recorded = _recorded_vae(checkpoint)
+    for cand in (checkpoint / "vae", checkpoint.parent.parent / "vae", *([Path(recorded)] if recorded else [])):
+        looked.append(str(cand))
         if (cand / "config.json").is_file():
-            return str(cand)
-    return None
+            return str(cand), looked
+    return None, looked
 
 
 def _load_weights(checkpoint: Path) -> tuple[nn.Module, FlavorConfig, str, str | None]:
@@ -66,8 +87,11 @@ def _load_weights(checkpoint: Path) -> tuple[nn.Module, FlavorConfig, str, str |
     raise FileNotFoundError(f"{checkpoint}: neither {DONE_FILE} (a stage's final/) nor an export")
 
 
-def load_for_inference(checkpoint: str | Path, vae_path: str | None = None) -> LoadedModel:
-    """Model (eval mode), tokenizer and, for JanusFlow, the VAE that decodes its latents."""
+def load_for_inference(
+    checkpoint: str | Path, vae_path: str | None = None, *, require_vae: bool = False
+) -> LoadedModel:
+    """Model (eval mode), tokenizer and, for JanusFlow, the VAE that decodes its latents. With ``require_vae``
+    a JanusFlow checkpoint whose VAE is neither given nor found is an error instead of a random VAE."""
     checkpoint = Path(checkpoint)
     model, flavor, family, tok_path = _load_weights(checkpoint)
     tokenizer = load_tokenizer(flavor, tok_path)
@@ -75,7 +99,12 @@ def load_for_inference(checkpoint: str | Path, vae_path: str | None = None) -> L
     if get_family(family).needs_vae:
         from model.janusflow_task import build_vae, load_vae
 
-        found = _find_vae(checkpoint, vae_path)
+        found, looked = _find_vae(checkpoint, vae_path)
+        if found is None and require_vae:
+            raise FileNotFoundError(
+                f"{checkpoint}: a {family} checkpoint needs the VAE that decodes its latents and none was found "
+                f"(looked in {', '.join(looked)}); pass the fitted VAE's directory (vae_path=...)"
+            )
         if found is None:
             log.warning("%s: no VAE given or found; decoding with a random VAE", checkpoint)
         vae = load_vae(found) if found else build_vae(flavor)

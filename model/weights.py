@@ -19,6 +19,8 @@ from common.io import atomic_path
 
 WEIGHTS_FILE = "model.safetensors"
 DONE_FILE = "stage_done.json"
+INPUTS_FILE = "inputs.json"
+"""A stage folder's record of what it was trained from (written by ``training.records``, read beside final/)."""
 SCHEMA_VERSION = 1
 
 

@@ -6,8 +6,8 @@
 ``DIR`` is a training stage's ``final/`` folder (``model.safetensors`` + ``stage_done.json``) or an export
 (Janus-Pro: transformers directory; JanusFlow: our reference-layout export). JanusFlow decodes through a VAE
 that is not part of its weights: ``--vae`` (a fitted or pretrained diffusers directory), else ``DIR/vae`` or
-``DIR/../../vae`` when present, else the flavor's random VAE (with a warning). An inference tool, not a config
-job: plain flags.
+``DIR/../../vae`` when present, else the VAE its stage trained with (``model.vae_path`` in the stage's
+``inputs.json``), else the flavor's random VAE (with a warning). An inference tool, not a config job: plain flags.
 """
 
 from __future__ import annotations

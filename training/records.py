@@ -18,11 +18,11 @@ from typing import Any
 
 from common.config import to_dict
 from common.io import atomic_write_json, file_sha256, folder_sha256, json_sha256
+from model.weights import INPUTS_FILE
 from training.config import TrainConfig
 
 log = logging.getLogger("training.records")
 
-INPUTS_FILE = "inputs.json"
 SCHEMA_VERSION = 1
 
 

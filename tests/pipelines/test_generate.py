@@ -82,6 +82,24 @@ def test_generate_from_stage_checkpoint(family: str, fitted: Path, tmp_path: Pat
         assert lm.vae.config.scaling_factor == load_vae(vae[1]).config.scaling_factor != 1.0
 
 
+def test_stage_final_finds_the_vae_its_stage_trained_with(fitted: Path, tmp_path: Path) -> None:
+    """A JanusFlow stage's final/ decodes with the VAE recorded in its stage's inputs.json; with none given,
+    beside it or recorded, ``require_vae`` (the evaluation) refuses instead of decoding with a random VAE."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "janusflow")
+    with pytest.raises(FileNotFoundError, match=rf"{ckpt.name}.*VAE.*looked in .*vae_path="):
+        load_for_inference(ckpt, require_vae=True)
+    assert load_for_inference(ckpt).vae.config.scaling_factor == 1.0  # the random VAE, with a warning
+    vae = fitted / "tokenizers" / "vae"
+    record = {"schema_version": 1, "sha256": "x", "inputs": {"model": {"vae_path": str(vae)}}}
+    (ckpt.parent / "inputs.json").write_text(json.dumps(record))
+    lm = load_for_inference(ckpt, require_vae=True)
+    assert lm.vae.config.scaling_factor == load_vae(vae).config.scaling_factor != 1.0
+    record["inputs"]["model"]["vae_path"] = str(tmp_path / "moved")  # recorded, but no longer there
+    (ckpt.parent / "inputs.json").write_text(json.dumps(record))
+    with pytest.raises(FileNotFoundError, match="moved"):
+        load_for_inference(ckpt, require_vae=True)
+
+
 def test_generate_same_seed_same_images(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", "janus_pro")
     for name in ("a", "b"):
