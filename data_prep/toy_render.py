@@ -104,6 +104,10 @@ def _figure_to_image(fig: Any, size: int) -> Image.Image:
 
 CHART_TITLES = ("Sales", "Rain", "Votes", "Score", "Apples", "Visits", "Energy", "Growth")
 DOC_TITLES = ("Invoice", "Receipt", "Report", "Memo", "Order", "Notice")
+DOC_ITEMS = (2, 3)
+"""Item lines per document, both ends included."""
+DOC_AMOUNTS = (1, 19)
+"""Amount of each item, both ends included (uniform): a total is the sum of 2-3 of them."""
 BAR_LABELS = ("A", "B", "C", "D", "E")
 
 
@@ -160,8 +164,8 @@ def render_chart(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict
 def render_document(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[str, Any]]:
     """A small printed document: a title, a few item lines and a total."""
     title = str(rng.choice(DOC_TITLES))
-    n = int(rng.integers(2, 4))
-    amounts = rng.integers(1, 20, size=n).astype(int)
+    n = int(rng.integers(DOC_ITEMS[0], DOC_ITEMS[1] + 1))
+    amounts = rng.integers(DOC_AMOUNTS[0], DOC_AMOUNTS[1] + 1, size=n).astype(int)
     total = int(amounts.sum())
     img = Image.new("RGB", (size, size), (250, 250, 245))
     draw = ImageDraw.Draw(img)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_prep.toy_render import CHART_TITLES, COLORS, DOC_TITLES, SHAPES
+from data_prep.toy_render import CHART_TITLES, COLORS, DOC_AMOUNTS, DOC_ITEMS, DOC_TITLES, SHAPES
 from data_prep.toyworld import COLOUR_QUESTION, COUNT_QUESTION, DIGIT_QUESTION, SHAPE_QUESTION
 
 WHITE_MARGIN = 60
@@ -170,7 +170,24 @@ class Question:
     question: str
     answer: str
     chance: float | None
-    """Probability of a uniform guess over the possible answers being right; None where undefined."""
+    """Probability that the best guess made without the image is right: 1/k for k equally likely answers, the
+    most likely answer's probability otherwise (a document's total); None where undefined."""
+
+
+def total_chance() -> float:
+    """The probability of the most likely document total (the renderer's item count and amounts, uniform):
+    what always answering that one number scores, about 0.039, not one over the ~55 possible totals."""
+    lo, hi = DOC_AMOUNTS
+    one = np.zeros(hi + 1)
+    one[lo:] = 1 / (hi - lo + 1)
+    items = range(DOC_ITEMS[0], DOC_ITEMS[1] + 1)
+    mix = np.zeros(hi * DOC_ITEMS[1] + 1)
+    for n in items:
+        dist = np.array([1.0])
+        for _ in range(n):
+            dist = np.convolve(dist, one)
+        mix[: len(dist)] += dist / len(items)
+    return float(mix.max())
 
 
 def _chart_chance(question: str, meta: dict) -> float | None:
@@ -187,7 +204,9 @@ def _chart_chance(question: str, meta: dict) -> float | None:
         return fixed[question]
     if question.startswith(("Which bar", "Which slice")) and labels:
         return 1 / len(labels)
-    return None  # e.g. a document's total: no fixed option set
+    if question == "What is the total?":
+        return total_chance()
+    return None  # a question this table does not know
 
 
 def _slug(text: str) -> str:

@@ -150,7 +150,7 @@ def evaluate_understanding(cfg: EvalConfig, lm: LoadedModel) -> tuple[dict[str, 
         for q, ok in zip(questions, (r["correct"] for r in records), strict=True)
         if q.kind.startswith("chart_doc/") and q.chance is not None
     ]
-    if graded:  # every chart/document question with a known chance (open answers such as a total stay apart)
+    if graded:  # every chart/document question with a known chance (a document's total: its likeliest value's)
         by_kind["chart_doc"] = [ok for ok, _ in graded]
         chances["chart_doc"] = [c for _, c in graded]
     results = {}

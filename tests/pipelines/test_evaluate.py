@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -16,12 +17,14 @@ from data_prep import toy_render
 from evaluation.judges import (
     ARTEFACT_MAX,
     ARTEFACT_Z,
+    _chart_chance,
     artefact_peak,
     build_digit_judge,
     judge_colour,
     load_questions,
     normalise_answer,
     read_digits,
+    total_chance,
 )
 from evaluation.toy_eval import (
     EvalConfig,
@@ -90,6 +93,25 @@ def test_questions_come_from_eval_splits_only(world: Path) -> None:
     assert len([q for q in qs if q.kind == "shape_colour"]) == 12
     assert len(load_questions(world, max_per_kind=3)) <= 3 * len(kinds)
     assert normalise_answer("  Red. ") == "red" and normalise_answer("7") == "7"
+
+
+def test_a_documents_total_is_graded_against_its_likeliest_value() -> None:
+    """The total's chance is what always answering the likeliest total scores (exact enumeration of the
+    renderer's item counts and amounts), not one over the possible totals; every drawn question has a chance."""
+    counts: dict[int, float] = {}
+    lo, hi = toy_render.DOC_AMOUNTS
+    items = range(toy_render.DOC_ITEMS[0], toy_render.DOC_ITEMS[1] + 1)
+    for n in items:
+        for amounts in itertools.product(range(lo, hi + 1), repeat=n):
+            counts[sum(amounts)] = counts.get(sum(amounts), 0.0) + 1 / ((hi - lo + 1) ** n * len(items))
+    assert sum(counts.values()) == pytest.approx(1.0)
+    assert total_chance() == pytest.approx(max(counts.values()))
+    assert 1.5 / len(counts) < total_chance() < 0.05  # about 0.039: above one over the ~55 totals
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        _, meta = toy_render.render_document(rng, 64)
+        chances = {question: _chart_chance(question, meta) for question, _ in meta["qas"]}
+        assert chances["What is the total?"] == total_chance() and None not in chances.values()
 
 
 def test_evaluate_end_to_end_random_checkpoint(world: Path, tmp_path: Path) -> None:
