@@ -88,7 +88,7 @@ class ToyWorldConfig:
     shapes_max_count: int = 3
     """At most this many shapes in one image."""
     charts_docs: SplitSizes = _sizes(600, 500)
-    """Chart/document images per split (eval: ~1,000 questions, up to 100 per type asked; 100 images gave 12-58
+    """Chart/document images per split (eval: 865 questions, at most 100 per type asked; 100 images gave 12-58
     answers per type, where one answer moved a type's accuracy by up to 0.08)."""
     photos: SplitSizes = _sizes(200, 40)
     """Photograph crops per split (spread over the bundled photographs)."""

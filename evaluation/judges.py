@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -174,6 +175,7 @@ class Question:
     most likely answer's probability otherwise (a document's total); None where undefined."""
 
 
+@functools.cache
 def total_chance() -> float:
     """The probability of the most likely document total (the renderer's item count and amounts, uniform):
     what always answering that one number scores, about 0.039, not one over the ~55 possible totals."""
@@ -198,7 +200,7 @@ def _chart_chance(question: str, meta: dict) -> float | None:
         "Is the line going up or down?": 1 / 2,
         "How many bars are there?": 1 / 3,  # 3..5
         "How many slices are there?": 1 / 3,  # 2..4
-        "How many items are listed?": 1 / 2,  # 2..3
+        "How many items are listed?": 1 / (DOC_ITEMS[1] - DOC_ITEMS[0] + 1),
     }
     if question in fixed:
         return fixed[question]
