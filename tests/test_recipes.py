@@ -22,3 +22,15 @@ def test_recipe_loads(path: Path) -> None:
     schema = job_module(recipe_job(path)).CONFIG
     cfg = load_config(schema, path)
     assert isinstance(cfg, schema)
+
+
+def test_demo_builds_the_toy_world_its_recipe_describes() -> None:
+    """The demo's toy world comes from ``ToyWorldConfig``'s defaults; ``configs/data/toyworld.yaml`` is what the
+    ``toyworld`` job and the README describe. A size changed in one place only would make the demo train on a
+    different world from the one the recipe shows."""
+    from data_prep.toyworld import ToyWorldConfig
+    from pipelines.demo import DemoConfig
+
+    recipe = load_config(ToyWorldConfig, CONFIGS / "data" / "toyworld.yaml")
+    demo = load_config(DemoConfig, CONFIGS / "demo.yaml").toyworld
+    assert demo == recipe, f"configs/data/toyworld.yaml and ToyWorldConfig's defaults differ: {recipe} != {demo}"
