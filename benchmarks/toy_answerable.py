@@ -18,10 +18,10 @@ understanding path hands the language model, read by the simplest possible head.
 
 Measured (2 cores, about 5 minutes): trained on 3000 images, the probe answers every closed type at 64 px 100% of
 the time on 600 others, and a document's total 73% (94% at 128 px; chance 6%). Trained on 600 (the toy world's
-chart/document train size, every question asked: about 150 examples per type): highest bar 94%, lowest bar 94%,
-largest slice 97%, the counts, trend and titles 99-100%, the total 8%. The linear probe on the demo's fitted
-SigLIP tokens, trained on those 600: highest bar 99%, lowest bar 91%, largest slice 99%, the counts, trend and
-titles 100%, the total 27% (a random tower: 92-100% on the closed types). The answers are in the tokens the
+chart/document train size then, now 2,400; every question asked: about 150 examples per type): highest bar 94%,
+lowest bar 94%, largest slice 97%, the counts, trend and titles 99-100%, the total 8%. The linear probe on the
+demo's fitted SigLIP tokens, trained on those 600: highest bar 99%, lowest bar 91%, largest slice 99%, the counts,
+trend and titles 100%, the total 27% (a random tower: 92-100% on the closed types). The answers are in the tokens the
 language model reads.
 """
 
