@@ -115,11 +115,18 @@ def _qa(question: str, answer: str) -> tuple[str, str]:
     return question, answer
 
 
-def render_chart(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[str, Any]]:
-    """A bar, line or pie chart with questions whose answers are read off the data that drew it."""
+CHART_KINDS = ("bar", "line", "pie")
+
+
+def render_chart(rng: np.random.Generator, size: int, kind: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """A bar, line or pie chart with questions whose answers are read off the data that drew it. ``kind`` forces
+    one of :data:`CHART_KINDS` (benchmarks that study one kind); the toy world leaves it None and draws it."""
     from matplotlib.figure import Figure
 
-    kind = str(rng.choice(["bar", "line", "pie"]))
+    drawn = str(rng.choice(list(CHART_KINDS)))
+    if kind is not None and kind not in CHART_KINDS:
+        raise ValueError(f"render_chart: kind {kind!r} is not one of {CHART_KINDS}")
+    kind = kind or drawn
     title = str(rng.choice(CHART_TITLES))
     dpi = 64  # at 128 px: title ~13 px high, tick labels ~9 px, legible to a small model
     fig = Figure(figsize=(size / dpi, size / dpi), dpi=dpi)
