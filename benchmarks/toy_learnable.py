@@ -160,6 +160,10 @@ def grade(learner: Learner, held: list[Drawn], questions: list[str]) -> dict[str
 def run(args: argparse.Namespace, questions: list[str]) -> dict[str, Any]:
     chart_size = ToyWorldConfig().chart_size
     kinds = kinds_asking(questions, chart_size)
+    if args.eval < len(kinds):
+        raise SystemExit(
+            f"--eval {args.eval}: the questions come from {len(kinds)} image kinds ({kinds}); ask at least one each"
+        )
     start = time.perf_counter()
     train = draw(args.train, args.seed, kinds, questions, chart_size)
     held = draw(args.eval, args.seed + 1, kinds, questions, chart_size)

@@ -55,3 +55,5 @@ def test_trains_and_grades_against_the_evaluations_chance(tmp_path: Path) -> Non
     assert "trained on these questions alone" in proc.stdout
     bad = subprocess.run([*script, "--questions", "Which bar?"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and "['Which bar?'] are not toy chart/document questions" in bad.stderr
+    few = subprocess.run([*script, "--eval", "1"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert few.returncode != 0 and "--eval 1: the questions come from 2 image kinds" in few.stderr
