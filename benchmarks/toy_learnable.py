@@ -29,7 +29,7 @@ them bar charts, each question asked of 62% of them), several times fewer than i
 With the demo's pre-fitted SigLIP frozen (``--vision``: the toy world's ``fit_tokenizers`` vision fit, stage II's
 freeze; ``--steps 300 --eval-every 100``), after 6,400 and 9,600 examples: JanusFlow 0.807 / 0.580 / 0.993 and
 0.967 / 0.673 / 1.000 (faster than with the random tower); Janus-Pro 0.353 / 0.213 / 0.947 and 0.313 / 0.247 /
-0.960 (the bars slower: the frozen tower is where Janus-Pro's bar comparisons lag; one seed each).
+0.960 (the bars slower than with the random tower trained along; one seed each, and the freeze differs too).
 """
 
 from __future__ import annotations
