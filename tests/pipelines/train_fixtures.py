@@ -20,21 +20,10 @@ from model.family import get_family
 from model.flavors import get_flavor
 from model.freeze import FREEZE_SCHEDULES, param_group
 from model.weights import WEIGHTS_FILE
+from tests.data_prep.curate_fixtures import ray_local  # noqa: F401 - the module's local Ray
 from tests.model.toy import ALL_TASKS, make_sample
 from training.config import TrainConfig
 from training.stages import run_training, stage_dir
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +58,11 @@ a kill at step 3 and compares against it, so its losses and weights need no seco
 
 
 @pytest.fixture(scope="module")
-def three_stages(ray_local, stage_data: Path, tmp_path_factory: pytest.TempPathFactory):
+def three_stages(
+    ray_local,  # noqa: F811
+    stage_data: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+):
     """``get(family) -> (cfg, finals)``: each family's three-stage run, trained once per module and read by
     several tests (a three-stage run costs about a minute and a half on 2 cores)."""
     runs: dict[str, tuple[TrainConfig, dict]] = {}
