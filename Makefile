@@ -7,7 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?= -m "not slow"
 # Two test workers on the 2-core machine (pytest-xdist), a whole module per worker so module fixtures are built
-# once: Ray start-ups and subprocess waits of one worker overlap the other's work (here: 1327 s in one process, 999-1061 s on two).
+# once: Ray start-ups and subprocess waits of one worker overlap the other's work (here: 1327 s in one process,
+# 999-1061 s on two).
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
