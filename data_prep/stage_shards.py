@@ -146,7 +146,10 @@ def write_stage_shards(
     if workers > 1:
         import ray
 
-        task = ray.remote(write_shard_range)
+        # SPREAD: one writer per node where it can (each node's CPU and link to the shared store do their share);
+        # the default policy keeps tasks on the driver's node while it has a free CPU, so short writers there
+        # could all finish on one node.
+        task = ray.remote(scheduling_strategy="SPREAD")(write_shard_range)
         plan_ref, sources_ref = ray.put(plan), ray.put(sources)
         results = ray.get([task.remote(plan_ref, sources_ref, out_dir, r, caption_fraction) for r in ranges])
     else:
